@@ -1,0 +1,1 @@
+"""Executors: how the update rule is run over the params of a group."""
