@@ -1,8 +1,10 @@
 """adamkit: Adam and AdamW for PyTorch, exact, fused, lean in memory and observable."""
 
+from adamkit import schedules
 from adamkit.groups import param_groups
 from adamkit.optim import Adam, AdamW
+from adamkit.schedules import Scheduler
 
 __version__ = "0.1.0"
 
-__all__ = ["Adam", "AdamW", "param_groups", "__version__"]
+__all__ = ["Adam", "AdamW", "Scheduler", "param_groups", "schedules", "__version__"]
