@@ -116,10 +116,10 @@ class Adam(Optimizer):
         state = self.state[param]
         if len(state) == 0:
             state["step"] = torch.tensor(0.0, dtype=scalar_dtype())
-            state["exp_avg"] = self._codec.allocate(param)
-            state["exp_avg_sq"] = self._codec.allocate(param)
+            state.update(self._codec.allocate(param, "exp_avg"))
+            state.update(self._codec.allocate(param, "exp_avg_sq"))
             if group["amsgrad"]:
-                state["max_exp_avg_sq"] = self._codec.allocate(param)
+                state.update(self._codec.allocate(param, "max_exp_avg_sq"))
         elif group["amsgrad"] and "max_exp_avg_sq" not in state:
             # amsgrad switched on mid-run: start the running max from the current v.
             state["max_exp_avg_sq"] = state["exp_avg_sq"].clone()

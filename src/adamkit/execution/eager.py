@@ -13,16 +13,12 @@ import torch
 from torch import Tensor
 
 from adamkit.rule import StepScalars, UpdateFlags, adam_update
-from adamkit.storage.float import FloatCodec
+from adamkit.storage.float import FloatCodec, real_view
 
 
 def compute_dtype(param: Tensor) -> torch.dtype:
     """float64 for float64/complex128 params, float32 for everything else."""
     return torch.float64 if param.dtype in (torch.float64, torch.complex128) else torch.float32
-
-
-def real_view(t: Tensor) -> Tensor:
-    return torch.view_as_real(t) if t.is_complex() else t
 
 
 def update_param_(
@@ -36,23 +32,21 @@ def update_param_(
     """Apply one step to ``param`` and its ``state`` (which already holds the new step count)."""
     dtype = compute_dtype(param)
     p_store = real_view(param)
-    m_store = real_view(state["exp_avg"])
-    v_store = real_view(state["exp_avg_sq"])
-    vmax_store = real_view(state["max_exp_avg_sq"]) if flags.amsgrad else None
+    shape = p_store.shape
     out = adam_update(
         p_store.to(dtype),
         real_view(grad).to(dtype),
-        codec.decode(m_store, dtype),
-        codec.decode(v_store, dtype),
-        None if vmax_store is None else codec.decode(vmax_store, dtype),
+        codec.decode(state, "exp_avg", shape, dtype),
+        codec.decode(state, "exp_avg_sq", shape, dtype),
+        codec.decode(state, "max_exp_avg_sq", shape, dtype) if flags.amsgrad else None,
         scalars,
         flags,
     )
     p_store.copy_(out.param)
-    codec.encode_(m_store, out.exp_avg)
-    codec.encode_(v_store, out.exp_avg_sq)
-    if vmax_store is not None:
-        codec.encode_(vmax_store, out.max_exp_avg_sq)
+    codec.encode_(state, "exp_avg", out.exp_avg)
+    codec.encode_(state, "exp_avg_sq", out.exp_avg_sq)
+    if flags.amsgrad:
+        codec.encode_(state, "max_exp_avg_sq", out.max_exp_avg_sq)
 
 
 def run_eager(

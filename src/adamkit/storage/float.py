@@ -1,9 +1,10 @@
 """Moments kept as plain floating-point tensors (torch's layout).
 
-A codec knows three things about one moment tensor: how to allocate it for a param, how to
-decode it to the compute dtype and how to encode a compute-dtype value back into it. The float
-codec stores the moment as a tensor of ``dtype`` with the param's shape, so the state_dict is
-exactly torch's. ``dtype=None`` follows torch's rule: the moment has the param's dtype.
+Every codec knows three things about one moment (``exp_avg``, ``exp_avg_sq`` or
+``max_exp_avg_sq``) of one param: how to allocate it, how to decode it to the compute dtype and
+how to encode a compute-dtype value back into the state, in place. The float codec keeps the
+moment as one tensor of ``dtype`` with the param's shape under the moment's own key, so the
+state_dict is exactly torch's. ``dtype=None`` follows torch's rule: the param's dtype.
 """
 
 from __future__ import annotations
@@ -12,6 +13,10 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+
+def real_view(t: Tensor) -> Tensor:
+    return torch.view_as_real(t) if t.is_complex() else t
 
 
 @dataclass(frozen=True)
@@ -29,38 +34,25 @@ class FloatCodec:
             return param.dtype
         return self.dtype
 
-    def allocate(self, param: Tensor) -> Tensor:
+    def state_keys(self, key: str) -> tuple[str, ...]:
+        return (key,)
+
+    def allocate(self, param: Tensor, key: str) -> dict[str, Tensor]:
         """Zeros in the stored dtype, with the param's shape and memory format."""
-        return torch.zeros_like(
+        zeros = torch.zeros_like(
             param, dtype=self.stored_dtype(param), memory_format=torch.preserve_format
         )
+        return {key: zeros}
 
     @staticmethod
-    def decode(stored: Tensor, compute_dtype: torch.dtype) -> Tensor:
-        """The moment in the compute dtype (no copy when the dtypes agree)."""
-        return stored if stored.dtype == compute_dtype else stored.to(compute_dtype)
+    def decode(state: dict, key: str, shape: torch.Size, dtype: torch.dtype) -> Tensor:
+        """The moment in the compute dtype, shaped like the param's real view (no copy if fp32)."""
+        return real_view(state[key]).to(dtype)
 
     @staticmethod
-    def encode_(stored: Tensor, value: Tensor) -> None:
-        """Write ``value`` (compute dtype) into ``stored``, rounding to nearest."""
-        stored.copy_(value)
+    def encode_(state: dict, key: str, value: Tensor) -> None:
+        """Write ``value`` (compute dtype) into the stored moment, rounding to nearest."""
+        real_view(state[key]).copy_(value)
 
     def bytes_per_element(self, param: Tensor) -> float:
-        return torch.empty((), dtype=self.stored_dtype(param)).element_size()
-
-
-_FLOAT_NAMES = {
-    None: None,
-    "float32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
-}
-
-
-def codec_for(state_dtype: str | None) -> FloatCodec:
-    """The codec for a ``state_dtype`` name."""
-    if state_dtype not in _FLOAT_NAMES:
-        raise ValueError(
-            f"Invalid state_dtype={state_dtype!r}: expected one of {list(_FLOAT_NAMES)}"
-        )
-    return FloatCodec(_FLOAT_NAMES[state_dtype])
+        return float(torch.empty((), dtype=self.stored_dtype(param)).element_size())
