@@ -14,16 +14,44 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from adamkit.execution.eager import run_eager
+from adamkit.execution.eager import compute_dtype, run_eager
 from adamkit.hparams import scalar_dtype, validate_group
 from adamkit.rule import StepScalars, UpdateFlags, step_scalars
-from adamkit.storage.float import FloatCodec
+from adamkit.storage.quantized import BlockwiseCodec
+from adamkit.storage.rounding import mix_key
+from adamkit.storage.select import (
+    DEFAULT_MIN_QUANTIZED_SIZE,
+    Codec,
+    infer_codec,
+    select_codec,
+    validate_min_quantized_size,
+    validate_state_dtype,
+)
 
 ParamsT = Iterable[Tensor] | Iterable[dict[str, Any]] | Iterable[tuple[str, Tensor]]
 
 # Keys adamkit adds to each param group beyond torch's. Filled in when absent, so that a
 # state_dict saved by torch.optim loads into adamkit (and the reverse: torch ignores them).
-_ADAMKIT_GROUP_KEYS = ("weight_decay_scaling", "decoupled_weight_decay", "maximize", "amsgrad")
+_ADAMKIT_GROUP_KEYS = (
+    "weight_decay_scaling",
+    "decoupled_weight_decay",
+    "maximize",
+    "amsgrad",
+    "state_dtype",
+    "min_quantized_size",
+    "stochastic_rounding",
+)
+MOMENT_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+
+
+def _validate_all(group: dict[str, Any]) -> None:
+    validate_group(group)
+    validate_state_dtype(group["state_dtype"])
+    validate_min_quantized_size(group["min_quantized_size"])
+    if not isinstance(group["stochastic_rounding"], bool):
+        raise ValueError(
+            f"Invalid stochastic_rounding={group['stochastic_rounding']!r}: expected a bool"
+        )
 
 
 def _scalar(x: float | Tensor) -> float:
@@ -56,9 +84,18 @@ class Adam(Optimizer):
             torch and optax), ``"lr_ratio"`` (decay = lr / initial_lr * wd, Loshchilov &
             Hutter's Algorithm 2; initial_lr is the group's ``initial_lr`` when a scheduler set
             one, else its lr at construction) or ``"none"`` (decay = wd).
+        state_dtype: how the moments are stored: ``None`` (the param's dtype, torch's rule),
+            ``"float32"``, ``"bfloat16"`` (stochastic rounding), ``"int8"`` or ``"int4"``
+            (block-wise codes; see :mod:`adamkit.storage.select`).
+        min_quantized_size: params with fewer elements keep fp32 moments under int8/int4
+            (default 4096; 0 quantises everything). :func:`adamkit.memory_report` says which.
+        stochastic_rounding: write bf16/fp16 params back from the fp32 result with unbiased
+            stochastic rounding, so updates below half an ulp survive in expectation.
+        seed: seed of the counter-based random streams of stochastic rounding. The numbers
+            are a function of (seed, param index, step), so resume is bitwise exact.
 
-    Moments are kept in the param's dtype (torch's rule); the arithmetic always runs in float32
-    (float64 for float64 params), so fp16/bf16 params never see fp16 rounding inside a step.
+    The arithmetic always runs in float32 (float64 for float64 params), so fp16/bf16 params
+    never see fp16 rounding inside a step.
     """
 
     def __init__(
@@ -73,7 +110,14 @@ class Adam(Optimizer):
         maximize: bool = False,
         decoupled_weight_decay: bool = False,
         weight_decay_scaling: str = "lr",
+        state_dtype: str | None = None,
+        min_quantized_size: int = DEFAULT_MIN_QUANTIZED_SIZE,
+        stochastic_rounding: bool = False,
+        seed: int = 0,
     ) -> None:
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(f"Invalid seed={seed!r}: expected an int")
+        self.seed = seed
         defaults = {
             "lr": lr,
             "betas": tuple(betas) if isinstance(betas, list) else betas,
@@ -83,9 +127,11 @@ class Adam(Optimizer):
             "maximize": maximize,
             "decoupled_weight_decay": decoupled_weight_decay,
             "weight_decay_scaling": weight_decay_scaling,
+            "state_dtype": state_dtype,
+            "min_quantized_size": min_quantized_size,
+            "stochastic_rounding": stochastic_rounding,
         }
-        validate_group(defaults)
-        self._codec = FloatCodec(None)
+        _validate_all(defaults)
         super().__init__(params, defaults)
 
     # ----------------------------------------------------------------------------------------
@@ -96,7 +142,7 @@ class Adam(Optimizer):
         if not isinstance(param_group, dict):
             raise TypeError(f"param_group must be a dict, but got {type(param_group).__name__}")
         merged = {**self.defaults, **{k: v for k, v in param_group.items() if k != "params"}}
-        validate_group(merged)
+        _validate_all(merged)
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         lr = group["lr"]
@@ -112,21 +158,37 @@ class Adam(Optimizer):
     # ----------------------------------------------------------------------------------------
     # the step
 
-    def _init_state(self, param: Tensor, group: dict[str, Any]) -> dict:
+    def codec_for(self, param: Tensor, group: dict[str, Any] | None = None) -> tuple[Codec, str]:
+        """The codec that stores ``param``'s moments, and why it was chosen."""
+        group = group if group is not None else self._group_of(param)
+        return select_codec(param, group["state_dtype"], group["min_quantized_size"])
+
+    def _group_of(self, param: Tensor) -> dict[str, Any]:
+        for group in self.param_groups:
+            if any(p is param for p in group["params"]):
+                return group
+        raise KeyError("param is not managed by this optimizer")
+
+    def _init_state(self, param: Tensor, group: dict[str, Any], codec: Codec) -> dict:
         state = self.state[param]
         if len(state) == 0:
             state["step"] = torch.tensor(0.0, dtype=scalar_dtype())
-            state.update(self._codec.allocate(param, "exp_avg"))
-            state.update(self._codec.allocate(param, "exp_avg_sq"))
+            state.update(codec.allocate(param, "exp_avg"))
+            state.update(codec.allocate(param, "exp_avg_sq"))
             if group["amsgrad"]:
-                state.update(self._codec.allocate(param, "max_exp_avg_sq"))
-        elif group["amsgrad"] and "max_exp_avg_sq" not in state:
+                state.update(codec.allocate(param, "max_exp_avg_sq"))
+        elif group["amsgrad"] and all(k not in state for k in codec.state_keys("max_exp_avg_sq")):
             # amsgrad switched on mid-run: start the running max from the current v.
-            state["max_exp_avg_sq"] = state["exp_avg_sq"].clone()
+            shape = torch.view_as_real(param).shape if param.is_complex() else param.shape
+            v = codec.decode(state, "exp_avg_sq", shape, torch.float32)
+            state.update(codec.allocate(param, "max_exp_avg_sq"))
+            codec.encode_(state, "max_exp_avg_sq", v)
         return state
 
-    def _collect(self, group: dict[str, Any]) -> tuple[list[Tensor], list[Tensor], list[dict]]:
-        params, grads, states = [], [], []
+    def _collect(
+        self, group: dict[str, Any]
+    ) -> tuple[list[Tensor], list[Tensor], list[dict], list[Codec]]:
+        params, grads, states, codecs = [], [], [], []
         for p in group["params"]:
             if p.grad is None:
                 continue
@@ -135,10 +197,12 @@ class Adam(Optimizer):
                     "adamkit.Adam does not support sparse gradients (param of shape "
                     f"{tuple(p.shape)}); use torch.optim.SparseAdam or a dense gradient"
                 )
+            codec, _ = self.codec_for(p, group)
             params.append(p)
             grads.append(p.grad)
-            states.append(self._init_state(p, group))
-        return params, grads, states
+            states.append(self._init_state(p, group, codec))
+            codecs.append(codec)
+        return params, grads, states, codecs
 
     @staticmethod
     def _flags(group: dict[str, Any]) -> UpdateFlags:
@@ -179,13 +243,96 @@ class Adam(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        offset = 0
         for group in self.param_groups:
-            params, grads, states = self._collect(group)
+            params, grads, states, codecs = self._collect(group)
             if params:
+                index = self._param_index(group, params, offset)
                 run_eager(
-                    params, grads, states, self._scalars_fn(group), self._flags(group), self._codec
+                    params,
+                    grads,
+                    states,
+                    codecs,
+                    self._scalars_fn(group),
+                    self._flags(group),
+                    rng_keys=lambda i, step, index=index: mix_key(
+                        self.seed, index[i], int(step), 0
+                    ),
+                    stochastic_param=group["stochastic_rounding"],
                 )
+            offset += len(group["params"])
         return loss
+
+    @staticmethod
+    def _param_index(group: dict[str, Any], params: list[Tensor], offset: int) -> list[int]:
+        """Each param's position in the optimizer (state_dict order): its random-stream id."""
+        position = {id(p): offset + i for i, p in enumerate(group["params"])}
+        return [position[id(p)] for p in params]
+
+    # ----------------------------------------------------------------------------------------
+    # compact state: decoding, loading, exporting
+
+    def decoded_state(self, param: Tensor) -> dict[str, Tensor]:
+        """``param``'s state in torch's layout with fp32 (fp64 for fp64 params) moments.
+
+        Complex params get complex moments. Used by :func:`adamkit.export_state_dict` and by
+        the diagnostics, whatever the storage format.
+        """
+        state = self.state.get(param, {})
+        if not state:
+            return {}
+        out: dict[str, Tensor] = {"step": state["step"]}
+        real = torch.view_as_real(param) if param.is_complex() else param
+        for key in MOMENT_KEYS:
+            codec = infer_codec(state, key)
+            if codec is None:
+                continue
+            value = codec.decode(state, key, real.shape, compute_dtype(param))
+            if param.is_complex():
+                value = torch.view_as_complex(value.contiguous())
+            out[key] = value
+        return out
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state_dict of adamkit (any storage format) or of torch.optim.Adam/AdamW.
+
+        Compact codes and scales are taken back exactly; float moments (torch's layout) are
+        re-encoded into this optimizer's storage format. torch's own loader would cast every
+        floating-point value to the param's dtype, so the moments are restored here instead.
+        """
+        saved = {k: dict(v) for k, v in state_dict["state"].items()}
+        super().load_state_dict(state_dict)
+        index_to_param = {
+            i: p for i, p in enumerate(p for g in self.param_groups for p in g["params"])
+        }
+        for index, entry in saved.items():
+            param = index_to_param.get(index)
+            if param is None or param not in self.state:
+                continue
+            self._adopt_state(param, entry)
+
+    def _adopt_state(self, param: Tensor, saved: dict[str, Tensor]) -> None:
+        """Rebuild ``param``'s moments from a saved entry, in this optimizer's format.
+
+        The same compact format is taken back code for code; anything else (torch's float
+        layout, another format) is decoded and re-encoded.
+        """
+        codec, _ = self.codec_for(param)
+        state = self.state[param]
+        real = torch.view_as_real(param) if param.is_complex() else param
+        for key in MOMENT_KEYS:
+            source = infer_codec(saved, key)
+            for stale in (key, f"{key}_codes", f"{key}_absmax"):
+                state.pop(stale, None)
+            if source is None:
+                continue
+            if isinstance(codec, BlockwiseCodec) and source == codec:
+                for k in codec.state_keys(key):
+                    state[k] = saved[k].to(param.device).clone()
+                continue
+            value = source.decode(saved, key, real.shape, compute_dtype(param))
+            state.update(codec.allocate(param, key))
+            codec.encode_(state, key, value.to(param.device))
 
 
 class AdamW(Adam):
@@ -207,6 +354,10 @@ class AdamW(Adam):
         *,
         maximize: bool = False,
         weight_decay_scaling: str = "lr",
+        state_dtype: str | None = None,
+        min_quantized_size: int = DEFAULT_MIN_QUANTIZED_SIZE,
+        stochastic_rounding: bool = False,
+        seed: int = 0,
     ) -> None:
         super().__init__(
             params,
@@ -218,4 +369,8 @@ class AdamW(Adam):
             maximize=maximize,
             decoupled_weight_decay=True,
             weight_decay_scaling=weight_decay_scaling,
+            state_dtype=state_dtype,
+            min_quantized_size=min_quantized_size,
+            stochastic_rounding=stochastic_rounding,
+            seed=seed,
         )

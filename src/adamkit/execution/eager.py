@@ -1,8 +1,8 @@
 """The eager executor: one param at a time, plain torch ops. The oracle and the fallback.
 
 For each param it decodes the moments to the compute dtype (float32, or float64 for float64
-params), calls :func:`adamkit.rule.adam_update` and writes the results back in place. Complex
-params are handled through ``torch.view_as_real``, as torch does.
+params), calls :func:`adamkit.rule.adam_update` and writes the results back in place through
+the param's codec. Complex params are handled through ``torch.view_as_real``, as torch does.
 """
 
 from __future__ import annotations
@@ -13,12 +13,22 @@ import torch
 from torch import Tensor
 
 from adamkit.rule import StepScalars, UpdateFlags, adam_update
-from adamkit.storage.float import FloatCodec, real_view
+from adamkit.storage.float import real_view
+from adamkit.storage.rounding import round_stochastic, stream_uniform
 
 
 def compute_dtype(param: Tensor) -> torch.dtype:
     """float64 for float64/complex128 params, float32 for everything else."""
     return torch.float64 if param.dtype in (torch.float64, torch.complex128) else torch.float32
+
+
+def write_param_(
+    param_real: Tensor, value: Tensor, stochastic: bool, rng_key: Tensor | int
+) -> None:
+    """Store the new param; narrower dtypes round stochastically when asked."""
+    if stochastic and param_real.dtype != value.dtype:
+        value = round_stochastic(value, param_real.dtype, stream_uniform(value, rng_key, "param"))
+    param_real.copy_(value)
 
 
 def update_param_(
@@ -27,7 +37,10 @@ def update_param_(
     state: dict,
     scalars: StepScalars,
     flags: UpdateFlags,
-    codec: FloatCodec,
+    codec,
+    *,
+    rng_key: int = 0,
+    stochastic_param: bool = False,
 ) -> None:
     """Apply one step to ``param`` and its ``state`` (which already holds the new step count)."""
     dtype = compute_dtype(param)
@@ -42,26 +55,43 @@ def update_param_(
         scalars,
         flags,
     )
-    p_store.copy_(out.param)
-    codec.encode_(state, "exp_avg", out.exp_avg)
-    codec.encode_(state, "exp_avg_sq", out.exp_avg_sq)
+    write_param_(p_store, out.param, stochastic_param, rng_key)
+    codec.encode_(state, "exp_avg", out.exp_avg, rng_key)
+    codec.encode_(state, "exp_avg_sq", out.exp_avg_sq, rng_key)
     if flags.amsgrad:
-        codec.encode_(state, "max_exp_avg_sq", out.max_exp_avg_sq)
+        codec.encode_(state, "max_exp_avg_sq", out.max_exp_avg_sq, rng_key)
 
 
 def run_eager(
     params: Sequence[Tensor],
     grads: Sequence[Tensor],
     states: Sequence[dict],
+    codecs: Sequence,
     scalars_for_step: Callable[[float], StepScalars],
     flags: UpdateFlags,
-    codec: FloatCodec,
+    *,
+    rng_keys: Callable[[int, float], int] | None = None,
+    stochastic_param: bool = False,
 ) -> None:
-    """Advance every param's step count and apply the update, one param at a time."""
+    """Advance every param's step count and apply the update, one param at a time.
+
+    ``rng_keys(i, step)`` gives the random-stream key of the i-th param at ``step`` (used by
+    stochastic rounding only).
+    """
     cache: dict[float, StepScalars] = {}
-    for param, grad, state in zip(params, grads, states):
+    for i, (param, grad, state, codec) in enumerate(zip(params, grads, states, codecs)):
         state["step"] += 1
         step = float(state["step"])
         if step not in cache:
             cache[step] = scalars_for_step(step)
-        update_param_(param, grad, state, cache[step], flags, codec)
+        key = rng_keys(i, step) if rng_keys is not None else 0
+        update_param_(
+            param,
+            grad,
+            state,
+            cache[step],
+            flags,
+            codec,
+            rng_key=key,
+            stochastic_param=stochastic_param,
+        )

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from adamkit.storage.rounding import round_stochastic, stream_uniform
+
 
 def real_view(t: Tensor) -> Tensor:
     return torch.view_as_real(t) if t.is_complex() else t
@@ -21,9 +23,15 @@ def real_view(t: Tensor) -> Tensor:
 
 @dataclass(frozen=True)
 class FloatCodec:
-    """Moments as tensors of ``dtype`` (None: the param's own dtype, as torch.optim does)."""
+    """Moments as tensors of ``dtype`` (None: the param's own dtype, as torch.optim does).
+
+    With ``stochastic=True`` a moment stored in a narrower dtype than the compute dtype (bf16
+    state) is written with unbiased stochastic rounding, so that increments of
+    ``(1 - beta2) g^2``, far below bf16's resolution, still move v in expectation.
+    """
 
     dtype: torch.dtype | None = None
+    stochastic: bool = False
 
     @property
     def name(self) -> str:
@@ -49,10 +57,12 @@ class FloatCodec:
         """The moment in the compute dtype, shaped like the param's real view (no copy if fp32)."""
         return real_view(state[key]).to(dtype)
 
-    @staticmethod
-    def encode_(state: dict, key: str, value: Tensor) -> None:
-        """Write ``value`` (compute dtype) into the stored moment, rounding to nearest."""
-        real_view(state[key]).copy_(value)
+    def encode_(self, state: dict, key: str, value: Tensor, rng_key: Tensor | int = 0) -> None:
+        """Write ``value`` (compute dtype) into the stored moment (``rng_key``: see rounding)."""
+        dst = real_view(state[key])
+        if self.stochastic and dst.dtype != value.dtype:
+            value = round_stochastic(value, dst.dtype, stream_uniform(value, rng_key, key))
+        dst.copy_(value)
 
     def bytes_per_element(self, param: Tensor) -> float:
         return float(torch.empty((), dtype=self.stored_dtype(param)).element_size())

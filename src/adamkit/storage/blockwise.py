@@ -1,0 +1,141 @@
+r"""Block-wise quantisation kernels: pure functions on flat tensors, traceable by torch.compile.
+
+A flat fp32 tensor of ``n`` elements is padded with zeros to whole blocks of ``block``
+elements; each block keeps one fp32 scale (its absmax) and one code per element of ``bits``
+bits (8, or 4 packed two to a byte).
+
+Codes follow a power-companded map, so small values keep relative precision (a linear map
+rounds everything under absmax / (2 Q) to zero):
+
+- **signed** (first moment): ``y = sign(x) |x|^(1/power)`` with ``x = m / absmax`` in [-1, 1],
+  ``q = round(Q y)`` in [-Q, Q] with ``Q = 2^(bits-1) - 1``, stored as ``q + Q``.
+  Decoding: ``x = sign(y) |y|^power`` with ``y = q / Q``. Zero is exact.
+- **unsigned** (second moment): ``y = x^(1/power)`` with ``x = v / absmax`` in [0, 1] and a map
+  WITHOUT zero, ``y_c = (c + 1) / (Q + 1)``, ``c`` in [0, Q], ``Q = 2^bits - 1``. A value that
+  would round to zero is stored as the smallest level instead: v is only ever overestimated
+  there, so the update ``m / (sqrt(v) + eps)`` shrinks rather than explodes (Li et al. 2023
+  show that a zero level in v's map is what breaks 4-bit Adam). A block whose absmax is 0
+  decodes to exact zeros.
+
+Rounding is to nearest, or stochastic when ``noise`` (uniform numbers in [0, 1), one per
+element) is given: the code is one of the two levels around ``x`` in value space, the upper one
+with probability ``(x - lo) / (hi - lo)``, so that E[decode(encode(x))] = x. That keeps the
+exponential moving averages moving: with round-to-nearest an increment of ``(1 - beta2) g^2``
+smaller than half a level is lost every step and v freezes. Bytes per element:
+``bits / 8 + 4 / block``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def num_blocks(n: int, block: int) -> int:
+    return -(-n // block)
+
+
+def code_bytes(n: int, block: int, bits: int) -> int:
+    """Bytes of the code tensor for ``n`` elements (padded to whole blocks)."""
+    return num_blocks(n, block) * block * bits // 8
+
+
+def _pad_to_blocks(x: Tensor, block: int) -> Tensor:
+    n = x.shape[0]
+    pad = num_blocks(n, block) * block - n
+    if pad:
+        x = torch.cat([x, x.new_zeros(pad)])
+    return x.view(-1, block)
+
+
+def pack4(codes: Tensor) -> Tensor:
+    """Two 4-bit codes (values 0..15, uint8) per byte: element 2i in the low nibble."""
+    pairs = codes.view(-1, 2)
+    return pairs[:, 0] | (pairs[:, 1] << 4)
+
+
+def unpack4(packed: Tensor) -> Tensor:
+    return torch.stack([packed & 15, packed >> 4], dim=1).view(-1)
+
+
+def _stochastic_level(
+    magnitude: Tensor, noise: Tensor, level_of, value_of, lowest: int, highest: int
+) -> Tensor:
+    """Level index around ``magnitude``: the upper neighbour with probability of the remainder."""
+    lo = level_of(magnitude).floor().clamp(lowest, highest)
+    hi = (lo + 1).clamp(max=highest)
+    v_lo, v_hi = value_of(lo), value_of(hi)
+    gap = v_hi - v_lo
+    p_up = torch.where(gap > 0, ((magnitude - v_lo) / gap).clamp(0.0, 1.0), 0.0)
+    return torch.where(noise < p_up, hi, lo)
+
+
+def quantize(
+    x: Tensor,
+    *,
+    block: int,
+    bits: int,
+    signed: bool,
+    power: float,
+    noise: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Codes (uint8, packed for 4 bits) and per-block fp32 absmax scales of flat ``x``.
+
+    With ``noise`` (uniform [0, 1), ``x``'s length) the rounding is stochastic and unbiased.
+    """
+    blocks = _pad_to_blocks(x.float(), block)
+    absmax = blocks.abs().amax(dim=1)
+    safe = torch.where(absmax > 0, absmax, torch.ones_like(absmax))
+    normed = (blocks / safe[:, None]).clamp(-1.0, 1.0)
+    u = None if noise is None else _pad_to_blocks(noise, block)
+    if signed:
+        q_max = 2 ** (bits - 1) - 1
+        mag = normed.abs()
+        if u is None:
+            level = torch.round(mag.pow(1.0 / power) * q_max)
+        else:
+            level = _stochastic_level(
+                mag,
+                u,
+                lambda m: m.pow(1.0 / power) * q_max,
+                lambda c: (c / q_max).pow(power),
+                0,
+                q_max,
+            )
+        codes = (normed.sign() * level + q_max).to(torch.uint8)
+    else:
+        q_max = 2**bits - 1
+        mag = normed.clamp_min(0.0)
+        if u is None:
+            level = (torch.round(mag.pow(1.0 / power) * (q_max + 1)) - 1).clamp(0, q_max)
+        else:
+            level = _stochastic_level(
+                mag,
+                u,
+                lambda m: m.pow(1.0 / power) * (q_max + 1) - 1,
+                lambda c: ((c + 1) / (q_max + 1)).pow(power),
+                0,
+                q_max,
+            )
+        codes = level.to(torch.uint8)
+    codes = codes.view(-1)
+    if bits == 4:
+        codes = pack4(codes)
+    return codes, absmax
+
+
+def dequantize(
+    codes: Tensor, absmax: Tensor, n: int, *, block: int, bits: int, signed: bool, power: float
+) -> Tensor:
+    """The flat fp32 tensor of ``n`` elements that ``codes`` and ``absmax`` stand for."""
+    if bits == 4:
+        codes = unpack4(codes)
+    c = codes.view(-1, block).float()
+    if signed:
+        q_max = 2 ** (bits - 1) - 1
+        y = (c - q_max) / q_max
+        x = y.sign() * y.abs().pow(power)
+    else:
+        q_max = 2**bits - 1
+        x = ((c + 1) / (q_max + 1)).pow(power)
+    return (x * absmax[:, None]).view(-1)[:n]

@@ -1,0 +1,78 @@
+"""Moments kept as block-wise int8 or int4 codes with one fp32 absmax per block.
+
+A moment ``key`` (``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq``) is stored under two state
+keys: ``{key}_codes`` (uint8; two 4-bit codes per byte for int4) and ``{key}_absmax`` (fp32, one
+per block). The first moment uses the signed map, the second moments the unsigned map without a
+zero level (see :mod:`adamkit.storage.blockwise`). Every tensor is quantised, whatever its size:
+the last block is zero-padded. The codec never sees the update rule: it decodes to fp32 and
+encodes from fp32, inside whichever executor runs the step.
+
+Companding powers were chosen by measurement (docs/benchmarks.md, "lean state quality"):
+the first moment is stored as sqrt(|m|) (power 2), the second as v^(1/4), i.e. sqrt of the
+sqrt(v) that the update divides by.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from adamkit.storage import blockwise
+from adamkit.storage.rounding import stream_uniform
+
+SIGNED_KEYS = ("exp_avg",)
+
+
+@dataclass(frozen=True)
+class BlockwiseCodec:
+    """Block-wise ``bits``-bit codes with one fp32 scale per ``block`` elements."""
+
+    bits: int
+    block: int
+    power_signed: float = 2.0
+    power_unsigned: float = 4.0
+
+    @property
+    def name(self) -> str:
+        return f"int{self.bits}"
+
+    def _kw(self, key: str) -> dict:
+        signed = key in SIGNED_KEYS
+        power = self.power_signed if signed else self.power_unsigned
+        return {"block": self.block, "bits": self.bits, "signed": signed, "power": power}
+
+    def state_keys(self, key: str) -> tuple[str, ...]:
+        return (f"{key}_codes", f"{key}_absmax")
+
+    def allocate(self, param: Tensor, key: str) -> dict[str, Tensor]:
+        """Codes of an all-zero moment (zero codes are not all-zero bytes: encode zeros)."""
+        n = param.numel() * (2 if param.is_complex() else 1)
+        codes, absmax = blockwise.quantize(torch.zeros(n, device=param.device), **self._kw(key))
+        codes_key, absmax_key = self.state_keys(key)
+        return {codes_key: codes, absmax_key: absmax}
+
+    def decode(self, state: dict, key: str, shape: torch.Size, dtype: torch.dtype) -> Tensor:
+        """The moment in ``dtype`` with ``shape`` (the param's real view), in row-major order."""
+        codes_key, absmax_key = self.state_keys(key)
+        numel = 1
+        for size in shape:
+            numel *= size
+        flat = blockwise.dequantize(state[codes_key], state[absmax_key], numel, **self._kw(key))
+        return flat.view(shape).to(dtype)
+
+    def encode_(self, state: dict, key: str, value: Tensor, rng_key: Tensor | int = 0) -> None:
+        """Quantise ``value`` (compute dtype, any layout) into the state's codes and scales.
+
+        Codes are rounded stochastically (unbiased) from the ``key`` stream of ``rng_key``.
+        """
+        flat = value.reshape(-1)
+        noise = stream_uniform(flat, rng_key, key)
+        codes, absmax = blockwise.quantize(flat, noise=noise, **self._kw(key))
+        codes_key, absmax_key = self.state_keys(key)
+        state[codes_key].copy_(codes)
+        state[absmax_key].copy_(absmax)
+
+    def bytes_per_element(self, param: Tensor) -> float:
+        return self.bits / 8 + 4 / self.block

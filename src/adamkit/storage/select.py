@@ -1,0 +1,74 @@
+"""Which codec stores the moments of a param, and why (``state_dtype``, ``min_quantized_size``).
+
+``state_dtype``:
+
+- ``None``: torch's rule, moments in the param's dtype, rounded to nearest (bit-compatible with
+  torch.optim);
+- ``"float32"``: fp32 moments whatever the param dtype (the AMP master-state layout);
+- ``"bfloat16"``: bf16 moments written with stochastic rounding (4 B/param for m and v);
+- ``"int8"``: block-wise 8-bit codes, block 256 (about 2.03 B/param);
+- ``"int4"``: block-wise 4-bit codes, block 128 (about 1.06 B/param).
+
+Quantised formats keep params with fewer than ``min_quantized_size`` elements in fp32: biases
+and norm weights are a negligible share of memory and the most sensitive to noise. The reason
+is returned with the codec and shown by :func:`adamkit.memory_report`. Complex params are
+quantised through their real view.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from adamkit.storage.float import FloatCodec
+from adamkit.storage.quantized import BlockwiseCodec
+
+STATE_DTYPES = (None, "float32", "bfloat16", "int8", "int4")
+DEFAULT_MIN_QUANTIZED_SIZE = 4096
+
+_FIXED = {
+    None: FloatCodec(None),
+    "float32": FloatCodec(torch.float32),
+    "bfloat16": FloatCodec(torch.bfloat16, stochastic=True),
+    "int8": BlockwiseCodec(bits=8, block=256),
+    "int4": BlockwiseCodec(bits=4, block=128),
+}
+
+Codec = FloatCodec | BlockwiseCodec
+
+
+def validate_state_dtype(state_dtype: object) -> None:
+    if state_dtype not in STATE_DTYPES:
+        raise ValueError(f"Invalid state_dtype={state_dtype!r}: expected one of {STATE_DTYPES}")
+
+
+def validate_min_quantized_size(size: object) -> None:
+    if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+        raise ValueError(f"Invalid min_quantized_size={size!r}: expected an int >= 0")
+
+
+def select_codec(
+    param: Tensor, state_dtype: str | None, min_quantized_size: int
+) -> tuple[Codec, str]:
+    """The codec for ``param``'s moments and the reason for the choice."""
+    codec = _FIXED[state_dtype]
+    if isinstance(codec, BlockwiseCodec):
+        numel = param.numel() * (2 if param.is_complex() else 1)
+        if numel < min_quantized_size:
+            return _FIXED["float32"], (
+                f"{numel} elements < min_quantized_size={min_quantized_size}: kept in float32"
+            )
+        return codec, f"state_dtype={state_dtype!r}"
+    if state_dtype is None:
+        return codec, "state_dtype=None: the param's dtype, as torch.optim"
+    return codec, f"state_dtype={state_dtype!r}"
+
+
+def infer_codec(state: dict, key: str) -> Codec | None:
+    """The codec a saved state was written with (None if ``key`` is absent)."""
+    if f"{key}_codes" in state:
+        ratio = state[f"{key}_codes"].numel() // max(1, state[f"{key}_absmax"].numel())
+        return _FIXED["int8"] if ratio == 256 else _FIXED["int4"]
+    if key in state:
+        return FloatCodec(state[key].dtype)
+    return None
