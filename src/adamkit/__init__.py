@@ -2,9 +2,19 @@
 
 from adamkit import schedules
 from adamkit.groups import param_groups
+from adamkit.memory import export_state_dict, memory_report
 from adamkit.optim import Adam, AdamW
 from adamkit.schedules import Scheduler
 
 __version__ = "0.1.0"
 
-__all__ = ["Adam", "AdamW", "Scheduler", "param_groups", "schedules", "__version__"]
+__all__ = [
+    "Adam",
+    "AdamW",
+    "Scheduler",
+    "export_state_dict",
+    "memory_report",
+    "param_groups",
+    "schedules",
+    "__version__",
+]
