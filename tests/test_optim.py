@@ -180,3 +180,39 @@ def test_param_groups_tied_weights_once() -> None:
     all_params = [p for g in groups for _, p in g["params"]]
     assert len(all_params) == len({id(p) for p in all_params})
     assert "emb.weight" in [n for n, _ in groups[-1]["params"]]
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+@pytest.mark.parametrize("state_dtype", [None, "int8"])
+def test_skip_nonfinite_leaves_everything_bit_identical(bad, state_dtype) -> None:
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.randn(64, 80, generator=gen).requires_grad_(), _param(7)]
+    opt = adamkit.AdamW(params, lr=1e-2, skip_nonfinite=True, state_dtype=state_dtype)
+    for _ in range(3):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen)
+        opt.step()
+    before_params = [p.detach().clone() for p in params]
+    before_state = {id(p): {k: v.clone() for k, v in opt.state[p].items()} for p in params}
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=gen)
+    params[0].grad[3, 5] = bad
+    opt.step()
+    assert opt.skipped_steps == 1
+    for p, b in zip(params, before_params):
+        assert torch.equal(p, b)
+        for k, v in opt.state[p].items():
+            assert torch.equal(v, before_state[id(p)][k]), k
+    params[0].grad[3, 5] = 0.0
+    opt.step()  # the next finite step goes through and counts from 3
+    assert opt.state[params[0]]["step"].item() == 4
+    assert opt.skipped_steps == 1
+
+
+def test_without_skip_nonfinite_torch_behaviour_is_kept() -> None:
+    p = _param(3)
+    opt = adamkit.Adam([p])
+    p.grad = torch.tensor([1.0, math.nan, 1.0])
+    opt.step()
+    assert torch.isnan(p[1]) and torch.isfinite(p[0])
+    assert opt.skipped_steps == 0

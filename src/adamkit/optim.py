@@ -93,6 +93,9 @@ class Adam(Optimizer):
             stochastic rounding, so updates below half an ulp survive in expectation.
         seed: seed of the counter-based random streams of stochastic rounding. The numbers
             are a function of (seed, param index, step), so resume is bitwise exact.
+        skip_nonfinite: check every gradient before the step; if any holds inf or NaN, change
+            no param and no state, leave the step counts alone and count the step in
+            ``optimizer.skipped_steps`` (one extra read of the gradients and one sync).
 
     The arithmetic always runs in float32 (float64 for float64 params), so fp16/bf16 params
     never see fp16 rounding inside a step.
@@ -114,10 +117,15 @@ class Adam(Optimizer):
         min_quantized_size: int = DEFAULT_MIN_QUANTIZED_SIZE,
         stochastic_rounding: bool = False,
         seed: int = 0,
+        skip_nonfinite: bool = False,
     ) -> None:
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ValueError(f"Invalid seed={seed!r}: expected an int")
+        if not isinstance(skip_nonfinite, bool):
+            raise ValueError(f"Invalid skip_nonfinite={skip_nonfinite!r}: expected a bool")
         self.seed = seed
+        self.skip_nonfinite = skip_nonfinite
+        self.skipped_steps = 0
         defaults = {
             "lr": lr,
             "betas": tuple(betas) if isinstance(betas, list) else betas,
@@ -243,6 +251,9 @@ class Adam(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if self.skip_nonfinite and self._has_nonfinite_grad():
+            self.skipped_steps += 1
+            return loss
         offset = 0
         for group in self.param_groups:
             params, grads, states, codecs = self._collect(group)
@@ -262,6 +273,16 @@ class Adam(Optimizer):
                 )
             offset += len(group["params"])
         return loss
+
+    def _has_nonfinite_grad(self) -> bool:
+        """Whether any gradient holds inf or NaN (one device sync for all of them)."""
+        flags = [
+            torch.isfinite(p.grad).all()
+            for group in self.param_groups
+            for p in group["params"]
+            if p.grad is not None
+        ]
+        return bool(flags) and not bool(torch.stack(flags).all())
 
     @staticmethod
     def _param_index(group: dict[str, Any], params: list[Tensor], offset: int) -> list[int]:
@@ -358,6 +379,7 @@ class AdamW(Adam):
         min_quantized_size: int = DEFAULT_MIN_QUANTIZED_SIZE,
         stochastic_rounding: bool = False,
         seed: int = 0,
+        skip_nonfinite: bool = False,
     ) -> None:
         super().__init__(
             params,
@@ -373,4 +395,5 @@ class AdamW(Adam):
             min_quantized_size=min_quantized_size,
             stochastic_rounding=stochastic_rounding,
             seed=seed,
+            skip_nonfinite=skip_nonfinite,
         )
