@@ -58,6 +58,29 @@ def unpack4(packed: Tensor) -> Tensor:
     return torch.stack([packed & 15, packed >> 4], dim=1).view(-1)
 
 
+def _root(x: Tensor, power: float) -> Tensor:
+    """x^(1/power) for x >= 0; square roots for the powers adamkit uses (2 and 4)."""
+    if power == 1:
+        return x
+    if power == 2:
+        return x.sqrt()
+    if power == 4:
+        return x.sqrt().sqrt()
+    return x.pow(1.0 / power)
+
+
+def _power(y: Tensor, power: float) -> Tensor:
+    """y^power for y >= 0; products for the powers adamkit uses (2 and 4)."""
+    if power == 1:
+        return y
+    if power == 2:
+        return y * y
+    if power == 4:
+        y2 = y * y
+        return y2 * y2
+    return y.pow(power)
+
+
 def _stochastic_level(
     magnitude: Tensor, noise: Tensor, level_of, value_of, lowest: int, highest: int
 ) -> Tensor:
@@ -92,13 +115,13 @@ def quantize(
         q_max = 2 ** (bits - 1) - 1
         mag = normed.abs()
         if u is None:
-            level = torch.round(mag.pow(1.0 / power) * q_max)
+            level = torch.round(_root(mag, power) * q_max)
         else:
             level = _stochastic_level(
                 mag,
                 u,
-                lambda m: m.pow(1.0 / power) * q_max,
-                lambda c: (c / q_max).pow(power),
+                lambda m: _root(m, power) * q_max,
+                lambda c: _power(c / q_max, power),
                 0,
                 q_max,
             )
@@ -107,13 +130,13 @@ def quantize(
         q_max = 2**bits - 1
         mag = normed.clamp_min(0.0)
         if u is None:
-            level = (torch.round(mag.pow(1.0 / power) * (q_max + 1)) - 1).clamp(0, q_max)
+            level = (torch.round(_root(mag, power) * (q_max + 1)) - 1).clamp(0, q_max)
         else:
             level = _stochastic_level(
                 mag,
                 u,
-                lambda m: m.pow(1.0 / power) * (q_max + 1) - 1,
-                lambda c: ((c + 1) / (q_max + 1)).pow(power),
+                lambda m: _root(m, power) * (q_max + 1) - 1,
+                lambda c: _power((c + 1) / (q_max + 1), power),
                 0,
                 q_max,
             )
@@ -134,8 +157,8 @@ def dequantize(
     if signed:
         q_max = 2 ** (bits - 1) - 1
         y = (c - q_max) / q_max
-        x = y.sign() * y.abs().pow(power)
+        x = y.sign() * _power(y.abs(), power)
     else:
         q_max = 2**bits - 1
-        x = ((c + 1) / (q_max + 1)).pow(power)
+        x = _power((c + 1) / (q_max + 1), power)
     return (x * absmax[:, None]).view(-1)[:n]
