@@ -1,0 +1,474 @@
+r"""Signals that show whether Adam is helping or failing: pure functions, each with its formula.
+
+Notation, for one param tensor of ``n`` entries at step ``t`` (the step count *after* the
+step, as stored in ``state['step']``)::
+
+    p0, p1   the param before and after the step;  dp = p1 - p0 (the actual change: Adam's
+             update, weight decay, anything else the step did)
+    g        the gradient the step read (``p.grad``: before ``maximize`` and coupled L2)
+    m, v     the moments after the step (``exp_avg``; ``exp_avg_sq``, or ``max_exp_avg_sq``
+             with AMSGrad: the v the denominator used)
+    m_hat    = m / (1 - beta1^t)        v_hat = v / (1 - beta2^t)
+    u        = m_hat / (sqrt(v_hat) + eps)    the normalised update (lr * u is Adam's step)
+    rms(x)   = sqrt(sum(x^2) / n)
+
+Signals (REFERENCE.md section 5 gives the healthy ranges; :mod:`adamkit.diagnostics.alerts`
+the thresholds):
+
+============================  ================================================================
+``grad_norm``, ``grad_rms``   ||g||_2 and rms(g)
+``update_rms``                rms(u): about 0.1-1 healthy, near 0 stalled, near 1 everywhere
+                              is sign descent
+``log10_update_to_weight``    log10(rms(dp) / rms(p0)): about -3 healthy, near -1 too large,
+                              below -5 stalled (None when p0 is all zeros)
+``eps_dominated_frac``        fraction of the entries with v > 0 that have sqrt(v_hat) < eps:
+                              eps, not the gradient, sets their step. Entries with v = 0 (no
+                              non-zero gradient yet: dead units, constant inputs, unused
+                              embedding rows) do not move whatever eps is; they are left out.
+``large_update_frac``         fraction of the entries with v > 0 that have |u| > 0.5
+                              (sign-descent / bimodal updates, Molybog et al. 2023); entries
+                              that never had a gradient have u = 0 and are left out
+``second_moment_lag``         sum(g^2) / sum(v_hat): about 1 when v tracks the gradient scale,
+                              << 1 when v remembers gradients much larger than today's. A
+                              ratio of sums, not a mean of ratios, so entries with v_hat ~ 0
+                              do not dominate. v is after the step, so it already holds
+                              (1 - beta2) g^2.
+``eff_lr_p5/p50/p95``         percentiles of the effective per-entry learning rate
+                              lr / (sqrt(v_hat) + eps), the factor Adam applies to m_hat,
+                              over the entries with v > 0 (nearest-rank percentiles)
+``exp_avg_norm``,             ||m||_2 and ||v||_2 of the raw stored moments (no bias
+``exp_avg_sq_norm``           correction)
+``*_nonfinite``               number of NaN/inf entries in g, in the state (m, v, vmax), in p1
+============================  ================================================================
+
+The single-signal functions below are the readable definitions (0-d tensors, no host
+synchronisation). The Monitor computes the same quantities without a copy of the params:
+
+- exactly, with one read of each gradient and of each moment: ``grad_norm``, ``grad_rms``,
+  ``exp_avg_norm``, ``exp_avg_sq_norm`` (a fourth power of the gradient scale: too
+  heavy-tailed to estimate from a sample) and the non-finite counts of gradients and state;
+- from a strided sample of at most ``SAMPLE`` entries per tensor, taken from p before the step
+  and from p, g, m, v after it (every entry of a tensor of up to ``SAMPLE`` entries, so small
+  tensors are exact): the update signals, in float64 on the host (:func:`batch_sums`). Sums
+  over the sample are scaled by n / (sample size), so tensors, groups and the model aggregate
+  by addition. The stride is a prime, so the sample walks across a matrix's columns instead of
+  aliasing onto a few of them; with 512 entries a rms or a fraction is within a few percent;
+- non-finite entries are counted exactly (one more pass) whenever a norm or the sample shows
+  one; a NaN param entry that is not in the sample shows once it reaches the loss and the
+  gradients, at the next sampled step.
+
+An executor that fuses the step can compute the exact sums inside its kernel
+(:func:`fused_sums`) and hand them over; see :mod:`adamkit.diagnostics.monitor`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from torch import Tensor
+
+Scalar = float | Tensor
+
+LARGE_UPDATE = 0.5  # |u| above this counts toward large_update_frac
+SAMPLE = 512  # at most this many entries per tensor feed the sampled signals
+PERCENTILES = (5, 50, 95)
+
+
+# ---------------------------------------------------------------------------------------------
+# the single-signal definitions
+
+
+def bias_corrections(step: Scalar, beta1: Scalar, beta2: Scalar) -> tuple[Scalar, Scalar]:
+    """(1 - beta1^t, 1 - beta2^t)."""
+    return 1 - beta1**step, 1 - beta2**step
+
+
+def normalized_update(
+    exp_avg: Tensor, exp_avg_sq: Tensor, step: Scalar, beta1: Scalar, beta2: Scalar, eps: Scalar
+) -> Tensor:
+    """u = m_hat / (sqrt(v_hat) + eps), per entry."""
+    bc1, bc2 = bias_corrections(step, beta1, beta2)
+    return (exp_avg / bc1) / ((exp_avg_sq / bc2).sqrt() + eps)
+
+
+def rms(x: Tensor) -> Tensor:
+    """sqrt(mean(x^2)) over all entries."""
+    return x.square().mean().sqrt()
+
+
+def grad_norm(grad: Tensor) -> Tensor:
+    """||g||_2."""
+    return torch.linalg.vector_norm(grad)
+
+
+def update_rms(u: Tensor) -> Tensor:
+    """rms(u) of the normalised update."""
+    return rms(u)
+
+
+def log10_update_to_weight(param_before: Tensor, param_after: Tensor) -> Tensor:
+    """log10(rms(p1 - p0) / rms(p0)); inf/nan when p0 is all zeros."""
+    return torch.log10(rms(param_after - param_before) / rms(param_before))
+
+
+def eps_dominated_frac(exp_avg_sq: Tensor, step: Scalar, beta2: Scalar, eps: Scalar) -> Tensor:
+    """Among entries with v > 0, the fraction with sqrt(v_hat) < eps."""
+    _, bc2 = bias_corrections(step, 0.0, beta2)
+    root = (exp_avg_sq / bc2).sqrt()
+    return (root < eps)[root > 0].float().mean()
+
+
+def large_update_frac(u: Tensor, exp_avg_sq: Tensor, threshold: float = LARGE_UPDATE) -> Tensor:
+    """Among entries with v > 0, the fraction with |u| > threshold."""
+    active = exp_avg_sq > 0
+    return (u.abs() > threshold)[active].float().mean()
+
+
+def second_moment_lag(grad: Tensor, exp_avg_sq: Tensor, step: Scalar, beta2: Scalar) -> Tensor:
+    """sum(g^2) / sum(v_hat)."""
+    _, bc2 = bias_corrections(step, 0.0, beta2)
+    return grad.square().sum() / (exp_avg_sq / bc2).sum()
+
+
+def effective_lr(
+    exp_avg_sq: Tensor, step: Scalar, beta2: Scalar, eps: Scalar, lr: Scalar
+) -> Tensor:
+    """lr / (sqrt(v_hat) + eps), per entry."""
+    _, bc2 = bias_corrections(step, 0.0, beta2)
+    return lr / ((exp_avg_sq / bc2).sqrt() + eps)
+
+
+def nonfinite_count(*tensors: Tensor) -> Tensor:
+    """Number of NaN or inf entries over all ``tensors``."""
+    return sum((t.numel() - torch.isfinite(t).sum() for t in tensors), torch.tensor(0))
+
+
+def percentiles(
+    values: np.ndarray, q: Sequence[float] = PERCENTILES, weights: np.ndarray | None = None
+) -> list[float]:
+    """Nearest-rank percentiles: the smallest x with (weighted) fraction of values <= x >= q/100.
+
+    numpy's ``np.percentile(values, q, method="inverted_cdf")`` for equal weights. ``weights``
+    lets strided samples of different tensors stand for the entries they skip.
+    """
+    values = np.asarray(values, dtype=np.float64)
+    if values.size == 0:
+        return [math.nan] * len(q)
+    frac = np.asarray(q, dtype=np.float64) / 100.0
+    if weights is None:
+        ordered = np.sort(values)
+        cum = np.arange(1, values.size + 1, dtype=np.float64)
+    else:
+        order = np.argsort(values)
+        ordered, cum = values[order], np.cumsum(np.asarray(weights, dtype=np.float64)[order])
+    idx = np.searchsorted(cum, frac * cum[-1] * (1 - 1e-12), side="left")
+    return [float(ordered[min(i, values.size - 1)]) for i in idx]
+
+
+# ---------------------------------------------------------------------------------------------
+# all signals of one tensor cheaply: an exact gradient norm and a strided sample
+
+
+class Sums(NamedTuple):
+    """Columns of :func:`fused_sums`; additive over tensors."""
+
+    grad_sq: int = 0  # sum g^2
+    param_sq: int = 1  # sum p0^2
+    delta_sq: int = 2  # sum dp^2
+    update_sq: int = 3  # sum u^2
+    v_hat_sum: int = 4  # sum v_hat
+    m_sq: int = 5  # sum m^2
+    v_sq: int = 6  # sum v^2 (raw exp_avg_sq)
+
+
+COLUMNS = Sums()
+N_SUMS = len(COLUMNS)
+
+
+def fused_sums(
+    param_before: Tensor,
+    param_after: Tensor,
+    grad: Tensor,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    max_exp_avg_sq: Tensor | None,
+    bias_correction1: Scalar,
+    bias_correction2: Scalar,
+    eps: Scalar,
+) -> Tensor:
+    """The exact sums of one tensor, a vector indexed by :data:`COLUMNS`.
+
+    Pure and functional (no in-place op, no host synchronisation), for an executor to call
+    inside its compiled step, where p0, p1, g, m and v are at hand and the reductions fuse
+    with the update's loop. Inputs are compute-dtype tensors of one shape; ``max_exp_avg_sq``
+    (AMSGrad) is the v the denominator used.
+    """
+    v = exp_avg_sq if max_exp_avg_sq is None else max_exp_avg_sq
+    v_hat = v / bias_correction2
+    u = (exp_avg / bias_correction1) / (v_hat.sqrt() + eps)
+    delta = param_after - param_before
+    return torch.stack(
+        [
+            grad.square().sum(),
+            param_before.square().sum(),
+            delta.square().sum(),
+            u.square().sum(),
+            v_hat.sum(),
+            exp_avg.square().sum(),
+            exp_avg_sq.square().sum(),
+        ]
+    )
+
+
+def sample_stride(numel: int, budget: int = SAMPLE) -> int:
+    """Stride of the strided sample that keeps at most ``budget`` entries of ``numel``: 1 when
+    the tensor fits, else the smallest prime >= max(3, numel / budget), so that the sample
+    walks across the columns of a matrix instead of aliasing onto a few of them."""
+    if numel <= budget:
+        return 1
+    k = max(3, math.ceil(numel / budget))
+    while any(k % d == 0 for d in range(2, math.isqrt(k) + 1)):
+        k += 1
+    return k
+
+
+def strided(t: Tensor, stride: int) -> Tensor:
+    """Every ``stride``-th entry of ``t`` (flattened; real view for complex): a view when ``t``
+    is contiguous."""
+    t = t.detach()
+    if t.is_complex():
+        t = torch.view_as_real(t)
+    return t.reshape(-1)[::stride]
+
+
+SAMPLE_ROWS = ("p0", "p1", "g", "m", "v", "v_raw")
+"""Rows of a tensor's sample: p before and after the step, g, m, the v the denominator used
+(vmax with AMSGrad) and the raw v."""
+
+UPDATE_SIGNALS = (
+    "update_rms",
+    "log10_update_to_weight",
+    "eps_dominated_frac",
+    "large_update_frac",
+    "second_moment_lag",
+) + tuple(f"eff_lr_p{q}" for q in PERCENTILES)
+
+ADDITIVE = (
+    "numel",
+    "updated",
+    "updated_numel",
+    "grad_sq",
+    "m_sq",
+    "v_sq",
+    "param_sq",
+    "delta_sq",
+    "update_sq",
+    "v_hat_sum",
+    "lag_grad_sq",
+    "active",
+    "eps_count",
+    "large",
+)
+"""Per-tensor sums behind the signals; those of a group or of the model are their sums."""
+
+
+class SampleBatch(NamedTuple):
+    """The samples of T tensors and what is known about each (arrays of length T).
+
+    ``samples`` is [T, len(SAMPLE_ROWS), K], row i valid in its first ``k[i]`` entries.
+    """
+
+    samples: np.ndarray
+    k: np.ndarray
+    numel: np.ndarray
+    updated: np.ndarray  # bool: the step count advanced
+    step: np.ndarray
+    beta1: np.ndarray
+    beta2: np.ndarray
+    eps: np.ndarray
+    lr: np.ndarray
+
+
+def batch_sums(b: SampleBatch) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
+    """Per-tensor sums (each an array of length T, sampled sums scaled by n / k) from a batch,
+    plus the effective lrs [T, K] (NaN where not an active, updated entry) and the weights n / k.
+
+    ``grad_sq``, ``m_sq``, ``v_sq`` are left at 0: the caller has them exactly.
+    """
+    T, _, K = b.samples.shape
+    valid = np.arange(K)[None, :] < b.k[:, None]
+    upd = valid & b.updated[:, None]
+    w = b.numel / np.maximum(b.k, 1)
+    p0, p1, _g, m, v, _v_raw = (b.samples[:, i, :] for i in range(len(SAMPLE_ROWS)))
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        bc1 = (1 - b.beta1**b.step)[:, None]
+        bc2 = (1 - b.beta2**b.step)[:, None]
+        eps = b.eps[:, None]
+        v_hat = v / bc2
+        root = np.sqrt(v_hat)
+        u = (m / bc1) / (root + eps)
+        delta = p1 - p0
+        active = upd & (root > 0)
+
+        def total(x: np.ndarray, where: np.ndarray = upd) -> np.ndarray:
+            return w * np.where(where, x, 0.0).sum(axis=1)
+
+        sums = {key: np.zeros(T) for key in ADDITIVE}
+        sums.update(
+            numel=b.numel.astype(np.float64),
+            updated=b.updated.astype(np.float64),
+            updated_numel=np.where(b.updated, b.numel, 0).astype(np.float64),
+            param_sq=total(p0 * p0),
+            delta_sq=total(delta * delta),
+            update_sq=total(u * u),
+            v_hat_sum=total(v_hat),
+            active=w * active.sum(axis=1),
+            eps_count=w * (active & (root < eps)).sum(axis=1),
+            large=w * (active & (np.abs(u) > LARGE_UPDATE)).sum(axis=1),
+        )
+        eff = np.where(active, b.lr[:, None] / (root + eps), np.nan)
+    return sums, eff, w
+
+
+def sums_to_signals(s: dict[str, float]) -> dict[str, float | None]:
+    """The update signals from (per-tensor or added-up) sums; None where undefined."""
+    if not s["updated"]:
+        return dict.fromkeys(UPDATE_SIGNALS[:5])
+    with np.errstate(divide="ignore", invalid="ignore"):
+        log_ratio = 0.5 * np.log10(s["delta_sq"] / s["param_sq"])
+    active = s["active"]
+    return {
+        "update_rms": math.sqrt(s["update_sq"] / s["updated_numel"]),
+        "log10_update_to_weight": float(log_ratio) if s["param_sq"] > 0 else None,
+        "eps_dominated_frac": float(s["eps_count"] / active) if active else 0.0,
+        "large_update_frac": float(s["large"] / active) if active else 0.0,
+        "second_moment_lag": float(s["lag_grad_sq"] / s["v_hat_sum"]) if s["v_hat_sum"] else None,
+    }
+
+
+def row_percentiles(eff: np.ndarray, q: Sequence[float] = PERCENTILES) -> np.ndarray:
+    """Nearest-rank percentiles of each row of ``eff`` over its non-NaN entries ([T, len(q)],
+    NaN for a row without any)."""
+    ordered = np.sort(eff, axis=1)  # NaN last
+    count = np.count_nonzero(~np.isnan(eff), axis=1)
+    out = np.full((eff.shape[0], len(q)), np.nan)
+    for j, frac in enumerate(np.asarray(q, dtype=np.float64) / 100.0):
+        idx = np.clip(np.ceil(frac * count - 1e-9).astype(int) - 1, 0, None)
+        has = count > 0
+        out[has, j] = ordered[has, idx[has]]
+    return out
+
+
+def weighted_percentiles(eff: np.ndarray, w: np.ndarray, rows: np.ndarray) -> list[float | None]:
+    """Nearest-rank percentiles over the non-NaN entries of ``eff[rows]``, entry (i, j)
+    standing for ``w[i]`` entries of its tensor."""
+    sub = eff[rows]
+    keep = ~np.isnan(sub)
+    if not keep.any():
+        return [None] * len(PERCENTILES)
+    weights = np.broadcast_to(w[rows][:, None], sub.shape)[keep]
+    uniform = np.all(weights == weights[0])
+    return percentiles(sub[keep], PERCENTILES, None if uniform else weights)
+
+
+def tensor_signals(
+    rows: np.ndarray,
+    *,
+    numel: int,
+    grad_sq: float,
+    m_sq: float,
+    v_sq: float,
+    step: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    lr: float,
+    exact: np.ndarray | None = None,
+) -> dict[str, float | None]:
+    """Every signal of one updated tensor from its sample rows (:data:`SAMPLE_ROWS`) and its
+    exact sums of squares; with ``exact`` (a :func:`fused_sums` vector) the sums are exact."""
+    batch = SampleBatch(
+        np.asarray(rows, dtype=np.float64)[None],
+        np.array([np.shape(rows)[1]]),
+        np.array([numel]),
+        np.array([True]),
+        *(np.array([x], dtype=np.float64) for x in (step, beta1, beta2, eps, lr)),
+    )
+    sums, eff, _ = batch_sums(batch)
+    one = {key: float(value[0]) for key, value in sums.items()}
+    one.update(grad_sq=grad_sq, lag_grad_sq=grad_sq, m_sq=m_sq, v_sq=v_sq)
+    if exact is not None:
+        use_exact(one, exact)
+    out: dict[str, float | None] = {
+        "grad_norm": math.sqrt(one["grad_sq"]),
+        "exp_avg_norm": math.sqrt(one["m_sq"]),
+        "exp_avg_sq_norm": math.sqrt(one["v_sq"]),
+        **sums_to_signals(one),
+    }
+    qs = row_percentiles(eff)[0]
+    out.update({f"eff_lr_p{q}": None if np.isnan(x) else float(x) for q, x in zip(PERCENTILES, qs)})
+    return out
+
+
+def use_exact(sums: dict[str, float], exact: np.ndarray) -> None:
+    """Replace one tensor's sums by exact ones (a row of :func:`fused_sums`)."""
+    c = COLUMNS
+    sums["grad_sq"] = sums["lag_grad_sq"] = float(exact[c.grad_sq])
+    sums["m_sq"], sums["v_sq"] = float(exact[c.m_sq]), float(exact[c.v_sq])
+    if sums["updated"]:
+        for key in ("param_sq", "delta_sq", "update_sq", "v_hat_sum"):
+            sums[key] = float(exact[getattr(c, key)])
+
+
+# ---------------------------------------------------------------------------------------------
+# the loss and other scalar series
+
+
+class RollingStats:
+    """Mean and standard deviation of the last ``window`` finite values, with spike checks.
+
+    A value is a spike when at least ``warmup`` finite values are in the window and
+    ``value > mean + threshold * std`` (std with Bessel's correction, as ``torch.std_mean``)
+    over the window *before* the value is added, as OLMo's skip-step optimizer does.
+    Non-finite values are never added (they would poison the statistics); finite values are
+    added whether they spiked or not.
+    """
+
+    def __init__(self, window: int = 128, warmup: int = 64) -> None:
+        if window < 2 or not 2 <= warmup <= window:
+            raise ValueError(
+                f"Invalid window={window}, warmup={warmup}: need window >= 2 and "
+                "2 <= warmup <= window"
+            )
+        self.window = window
+        self.warmup = warmup
+        self.values: deque[float] = deque(maxlen=window)
+
+    def ready(self) -> bool:
+        return len(self.values) >= self.warmup
+
+    def mean_std(self) -> tuple[float, float]:
+        if not self.values:
+            return math.nan, math.nan
+        a = np.fromiter(self.values, dtype=np.float64)
+        return float(a.mean()), float(a.std(ddof=1)) if a.size > 1 else 0.0
+
+    def bound(self, threshold: float) -> float:
+        """mean + threshold * std (inf before warmup)."""
+        if not self.ready():
+            return math.inf
+        mean, std = self.mean_std()
+        return mean + threshold * std
+
+    def is_spike(self, value: float, threshold: float) -> bool:
+        """True when ``value`` exceeds :meth:`bound` (a NaN/inf value is not a spike here)."""
+        return math.isfinite(value) and value > self.bound(threshold)
+
+    def add(self, value: float) -> None:
+        if math.isfinite(value):
+            self.values.append(float(value))
