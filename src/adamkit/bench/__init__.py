@@ -1,0 +1,1 @@
+"""Offline benchmarks: tasks on real data, the compare runner, the throughput benchmark, reports."""
