@@ -8,6 +8,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from adamkit.storage.shards import local
+
 
 @dataclass(frozen=True)
 class TensorMemory:
@@ -74,11 +76,15 @@ class MemoryReport:
 
 
 def _nbytes(value: Any) -> int:
+    value = local(value) if isinstance(value, Tensor) else value
     return value.numel() * value.element_size() if isinstance(value, Tensor) else 0
 
 
 def memory_report(optimizer: torch.optim.Optimizer) -> MemoryReport:
-    """Report the state memory of an adamkit (or any torch) optimizer, per tensor and format."""
+    """Report the state memory of an adamkit (or any torch) optimizer, per tensor and format.
+
+    Under FSDP2 (DTensor params) the report is this rank's: local shards and their state.
+    """
     rows = []
     for gi, group in enumerate(optimizer.param_groups):
         names = group.get("param_names")
@@ -96,8 +102,8 @@ def memory_report(optimizer: torch.optim.Optimizer) -> MemoryReport:
                 TensorMemory(
                     name=name,
                     group=gi,
-                    shape=tuple(p.shape),
-                    numel=p.numel(),
+                    shape=tuple(local(p).shape),
+                    numel=local(p).numel(),
                     format=fmt,
                     reason=reason,
                     state_bytes=sum(_nbytes(v) for v in state.values()),

@@ -14,6 +14,14 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from adamkit.distributed import (
+    adopt_sharded_state,
+    decoded_sharded_state,
+    present_state_dict,
+    start_sharded_running_max_,
+)
+from adamkit.execution.capturable import run_capturable, tensor_step_scalars
+from adamkit.execution.compiled import CompiledExecutor
 from adamkit.execution.eager import compute_dtype, run_eager
 from adamkit.hparams import scalar_dtype, validate_group
 from adamkit.rule import StepScalars, UpdateFlags, step_scalars
@@ -27,6 +35,7 @@ from adamkit.storage.select import (
     validate_min_quantized_size,
     validate_state_dtype,
 )
+from adamkit.storage.shards import is_dtensor
 
 ParamsT = Iterable[Tensor] | Iterable[dict[str, Any]] | Iterable[tuple[str, Tensor]]
 
@@ -40,8 +49,15 @@ _ADAMKIT_GROUP_KEYS = (
     "state_dtype",
     "min_quantized_size",
     "stochastic_rounding",
+    "capturable",
 )
 MOMENT_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+BACKENDS = ("auto", "eager", "compiled")
+
+
+def validate_backend(backend: object) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"Invalid backend={backend!r}: expected one of {BACKENDS}")
 
 
 def _validate_all(group: dict[str, Any]) -> None:
@@ -51,6 +67,16 @@ def _validate_all(group: dict[str, Any]) -> None:
     if not isinstance(group["stochastic_rounding"], bool):
         raise ValueError(
             f"Invalid stochastic_rounding={group['stochastic_rounding']!r}: expected a bool"
+        )
+    if not isinstance(group["capturable"], bool):
+        raise ValueError(f"Invalid capturable={group['capturable']!r}: expected a bool")
+    if group["capturable"] and (
+        group["stochastic_rounding"] or group["state_dtype"] not in (None, "float32")
+    ):
+        raise ValueError(
+            "Invalid capturable=True with stochastic rounding or "
+            f"state_dtype={group['state_dtype']!r}: their random streams are keyed by the "
+            "step count on the host; use capturable=False"
         )
 
 
@@ -96,6 +122,23 @@ class Adam(Optimizer):
         skip_nonfinite: check every gradient before the step; if any holds inf or NaN, change
             no param and no state, leave the step counts alone and count the step in
             ``optimizer.skipped_steps`` (one extra read of the gradients and one sync).
+        backend: how the update runs (see :mod:`adamkit.execution`): ``"eager"`` (one param
+            at a time, plain torch ops: the reference), ``"compiled"`` (torch.compile'd
+            kernels over chunks of tensors: C++ on CPU, Triton on GPU; compiles on the first
+            step) or ``"auto"`` (default: an uncompiled multi-tensor path that pools small
+            tensors, switching to the compiled kernels once the time they would have saved
+            exceeds what compiling costs). If compiling is impossible, adamkit warns once and
+            stays uncompiled. float64 and complex params, DTensors, stochastic rounding and
+            int8/int4 states always take the eager path.
+        capturable: keep ``state['step']`` on the param's device (float32, as torch's
+            capturable Adam) and compute the bias corrections there (in float64), so that no
+            step reads a value back to the host: the step can be captured in a CUDA graph or
+            traced whole by ``torch.compile``. Not with stochastic rounding or bf16/int8/int4
+            states. With a GradScaler, checking ``found_inf`` still syncs once per step.
+
+    Supports ``torch.amp.GradScaler``'s optimizer protocol (as torch's fused Adam): the scaler
+    sets ``grad_scale`` and ``found_inf``; on inf/NaN the step changes nothing (params, state,
+    step counts), otherwise the gradients are unscaled in place before the update.
 
     The arithmetic always runs in float32 (float64 for float64 params), so fp16/bf16 params
     never see fp16 rounding inside a step.
@@ -118,13 +161,18 @@ class Adam(Optimizer):
         stochastic_rounding: bool = False,
         seed: int = 0,
         skip_nonfinite: bool = False,
+        backend: str = "auto",
+        capturable: bool = False,
     ) -> None:
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ValueError(f"Invalid seed={seed!r}: expected an int")
         if not isinstance(skip_nonfinite, bool):
             raise ValueError(f"Invalid skip_nonfinite={skip_nonfinite!r}: expected a bool")
+        validate_backend(backend)
         self.seed = seed
         self.skip_nonfinite = skip_nonfinite
+        self.backend = backend
+        self._executor: CompiledExecutor | None = None
         self.skipped_steps = 0
         defaults = {
             "lr": lr,
@@ -138,6 +186,7 @@ class Adam(Optimizer):
             "state_dtype": state_dtype,
             "min_quantized_size": min_quantized_size,
             "stochastic_rounding": stochastic_rounding,
+            "capturable": capturable,
         }
         _validate_all(defaults)
         super().__init__(params, defaults)
@@ -152,12 +201,14 @@ class Adam(Optimizer):
         merged = {**self.defaults, **{k: v for k, v in param_group.items() if k != "params"}}
         _validate_all(merged)
         super().add_param_group(param_group)
+        self._invalidate_plans()
         group = self.param_groups[-1]
         lr = group["lr"]
         group.setdefault("construction_lr", lr.clone() if isinstance(lr, Tensor) else lr)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
+        self._invalidate_plans()
         for group in self.param_groups:
             for key in _ADAMKIT_GROUP_KEYS:
                 group.setdefault(key, self.defaults[key])
@@ -180,13 +231,19 @@ class Adam(Optimizer):
     def _init_state(self, param: Tensor, group: dict[str, Any], codec: Codec) -> dict:
         state = self.state[param]
         if len(state) == 0:
-            state["step"] = torch.tensor(0.0, dtype=scalar_dtype())
+            if group["capturable"]:
+                state["step"] = torch.zeros((), dtype=torch.float32, device=param.device)
+            else:
+                state["step"] = torch.tensor(0.0, dtype=scalar_dtype())
             state.update(codec.allocate(param, "exp_avg"))
             state.update(codec.allocate(param, "exp_avg_sq"))
             if group["amsgrad"]:
                 state.update(codec.allocate(param, "max_exp_avg_sq"))
         elif group["amsgrad"] and all(k not in state for k in codec.state_keys("max_exp_avg_sq")):
             # amsgrad switched on mid-run: start the running max from the current v.
+            if is_dtensor(param):
+                start_sharded_running_max_(codec, state, param)
+                return state
             shape = torch.view_as_real(param).shape if param.is_complex() else param.shape
             v = codec.decode(state, "exp_avg_sq", shape, torch.float32)
             state.update(codec.allocate(param, "max_exp_avg_sq"))
@@ -196,21 +253,25 @@ class Adam(Optimizer):
     def _collect(
         self, group: dict[str, Any]
     ) -> tuple[list[Tensor], list[Tensor], list[dict], list[Codec]]:
-        params, grads, states, codecs = [], [], [], []
-        for p in group["params"]:
-            if p.grad is None:
-                continue
+        params = [p for p in group["params"] if p.grad is not None]
+        states, codecs = self._prepare(group, params)
+        return params, [p.grad for p in params], states, codecs
+
+    def _prepare(
+        self, group: dict[str, Any], params: list[Tensor]
+    ) -> tuple[list[dict], list[Codec]]:
+        """The (lazily initialised) states and the codecs of ``params``, which have grads."""
+        states, codecs = [], []
+        for p in params:
             if p.grad.is_sparse:
                 raise RuntimeError(
                     "adamkit.Adam does not support sparse gradients (param of shape "
                     f"{tuple(p.shape)}); use torch.optim.SparseAdam or a dense gradient"
                 )
             codec, _ = self.codec_for(p, group)
-            params.append(p)
-            grads.append(p.grad)
             states.append(self._init_state(p, group, codec))
             codecs.append(codec)
-        return params, grads, states, codecs
+        return states, codecs
 
     @staticmethod
     def _flags(group: dict[str, Any]) -> UpdateFlags:
@@ -251,13 +312,24 @@ class Adam(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if self._amp_found_inf():
+            return loss
         if self.skip_nonfinite and self._has_nonfinite_grad():
             self.skipped_steps += 1
             return loss
+        self._amp_unscale_()
+        executor = self._step_executor()
         offset = 0
-        for group in self.param_groups:
+        for group_index, group in enumerate(self.param_groups):
+            if executor is not None:
+                self._step_group(executor, group_index, group, offset)
+                offset += len(group["params"])
+                continue
             params, grads, states, codecs = self._collect(group)
-            if params:
+            if params and group["capturable"]:
+                flags, scalars = self._flags(group), self._device_scalars_fn(group)
+                run_capturable(params, grads, states, codecs, scalars, flags)
+            elif params:
                 index = self._param_index(group, params, offset)
                 run_eager(
                     params,
@@ -273,6 +345,86 @@ class Adam(Optimizer):
                 )
             offset += len(group["params"])
         return loss
+
+    def _step_executor(self) -> CompiledExecutor | None:
+        """The executor of backend "compiled"/"auto"; None for the eager path.
+
+        Inside a ``torch.compile`` of the user's training step the eager path runs (dynamo
+        traces it into the user's graph).
+        """
+        backend = getattr(self, "backend", "auto")
+        if backend == "eager" or torch.compiler.is_compiling():
+            return None
+        if getattr(self, "_executor", None) is None:
+            self._executor = CompiledExecutor(auto=backend == "auto")
+        return self._executor
+
+    def _step_group(
+        self, executor: CompiledExecutor, index: int, group: dict[str, Any], offset: int
+    ) -> None:
+        def rng_keys(params: list[Tensor]) -> Callable[[int, float], int]:
+            position = self._param_index(group, params, offset)
+            return lambda i, step: mix_key(self.seed, position[i], int(step), 0)
+
+        executor.step_group(
+            index,
+            group,
+            [p.grad for p in group["params"]],
+            lambda params: self._prepare(group, params),
+            self._scalars_fn(group),
+            self._flags(group),
+            rng_keys,
+            self._device_scalars_fn(group) if group["capturable"] else None,
+        )
+
+    @staticmethod
+    def _device_scalars_fn(group: dict[str, Any]) -> Callable[[Tensor], StepScalars]:
+        """StepScalars of step tensors, on their device (capturable: no host sync)."""
+
+        def scalars(step: Tensor) -> StepScalars:
+            beta1, beta2 = group["betas"]
+            return tensor_step_scalars(
+                step,
+                lr=group["lr"],
+                beta1=beta1,
+                beta2=beta2,
+                eps=group["eps"],
+                weight_decay=group["weight_decay"],
+                decoupled=group["decoupled_weight_decay"],
+                weight_decay_scaling=group["weight_decay_scaling"],
+                initial_lr=group.get("initial_lr", group["construction_lr"]),
+            )
+
+        return scalars
+
+    def _invalidate_plans(self) -> None:
+        executor = getattr(self, "_executor", None)
+        if executor is not None:
+            executor.invalidate()
+
+    # GradScaler protocol (torch.amp.GradScaler.step): the scaler looks for this attribute and
+    # then sets ``grad_scale`` (the scale to divide the grads by, or None if the user already
+    # called ``scaler.unscale_``) and ``found_inf`` (non-zero if any grad is inf/NaN) on the
+    # optimizer for the duration of ``step()``, as for torch's fused Adam.
+    _step_supports_amp_scaling = True
+
+    def _amp_found_inf(self) -> bool:
+        """GradScaler found inf/NaN grads: skip the step (one sync on the scaler's device)."""
+        found_inf = getattr(self, "found_inf", None)
+        return found_inf is not None and bool(found_inf.item() != 0)
+
+    def _amp_unscale_(self) -> None:
+        """Divide the grads by GradScaler's ``grad_scale`` in place (as torch's fused Adam)."""
+        grad_scale = getattr(self, "grad_scale", None)
+        if grad_scale is None:
+            return
+        by_device: dict[torch.device, list[Tensor]] = {}
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    by_device.setdefault(p.grad.device, []).append(p.grad)
+        for device, grads in by_device.items():
+            torch._foreach_div_(grads, grad_scale.to(device=device, dtype=torch.float32))
 
     def _has_nonfinite_grad(self) -> bool:
         """Whether any gradient holds inf or NaN (one device sync for all of them)."""
@@ -299,6 +451,8 @@ class Adam(Optimizer):
         Complex params get complex moments. Used by :func:`adamkit.export_state_dict` and by
         the diagnostics, whatever the storage format.
         """
+        if is_dtensor(param):
+            return decoded_sharded_state(self, param)
         state = self.state.get(param, {})
         if not state:
             return {}
@@ -314,6 +468,12 @@ class Adam(Optimizer):
             out[key] = value
         return out
 
+    def state_dict(self) -> dict[str, Any]:
+        """torch's state_dict. Block-wise moments of DTensor (FSDP2) params appear decoded, as
+        fp32 DTensors in torch's layout, so that torch.distributed.checkpoint saves and
+        reshards them (see :mod:`adamkit.distributed`); everything else is as stored."""
+        return present_state_dict(self, super().state_dict())
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state_dict of adamkit (any storage format) or of torch.optim.Adam/AdamW.
 
@@ -323,9 +483,10 @@ class Adam(Optimizer):
         """
         saved = {k: dict(v) for k, v in state_dict["state"].items()}
         super().load_state_dict(state_dict)
-        index_to_param = {
-            i: p for i, p in enumerate(p for g in self.param_groups for p in g["params"])
-        }
+        # saved ids are what the saved groups list (ints, or FQNs from get_state_dict), by
+        # position, as torch matches them
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        index_to_param = dict(zip(saved_ids, (p for g in self.param_groups for p in g["params"])))
         for index, entry in saved.items():
             param = index_to_param.get(index)
             if param is None or param not in self.state:
@@ -336,8 +497,12 @@ class Adam(Optimizer):
         """Rebuild ``param``'s moments from a saved entry, in this optimizer's format.
 
         The same compact format is taken back code for code; anything else (torch's float
-        layout, another format) is decoded and re-encoded.
+        layout, another format) is decoded and re-encoded. DTensor (FSDP2) params: see
+        :func:`adamkit.distributed.adopt_sharded_state`.
         """
+        if is_dtensor(param):
+            adopt_sharded_state(self, param, saved)
+            return
         codec, _ = self.codec_for(param)
         state = self.state[param]
         real = torch.view_as_real(param) if param.is_complex() else param
@@ -380,6 +545,8 @@ class AdamW(Adam):
         stochastic_rounding: bool = False,
         seed: int = 0,
         skip_nonfinite: bool = False,
+        backend: str = "auto",
+        capturable: bool = False,
     ) -> None:
         super().__init__(
             params,
@@ -396,4 +563,6 @@ class AdamW(Adam):
             stochastic_rounding=stochastic_rounding,
             seed=seed,
             skip_nonfinite=skip_nonfinite,
+            backend=backend,
+            capturable=capturable,
         )

@@ -15,6 +15,7 @@ from torch import Tensor
 from adamkit.rule import StepScalars, UpdateFlags, adam_update
 from adamkit.storage.float import real_view
 from adamkit.storage.rounding import round_stochastic, stream_uniform
+from adamkit.storage.shards import is_dtensor, local_step_inputs
 
 
 def compute_dtype(param: Tensor) -> torch.dtype:
@@ -42,7 +43,13 @@ def update_param_(
     rng_key: int = 0,
     stochastic_param: bool = False,
 ) -> None:
-    """Apply one step to ``param`` and its ``state`` (which already holds the new step count)."""
+    """Apply one step to ``param`` and its ``state`` (which already holds the new step count).
+
+    A DTensor param (FSDP2) is stepped on its local shard: no communication, and random
+    numbers are drawn by the elements' indices in the full tensor (see ``storage.shards``).
+    """
+    if is_dtensor(param):
+        param, grad, state, rng_key = local_step_inputs(param, grad, state, rng_key)
     dtype = compute_dtype(param)
     p_store = real_view(param)
     shape = p_store.shape

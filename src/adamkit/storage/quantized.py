@@ -21,6 +21,7 @@ from torch import Tensor
 
 from adamkit.storage import blockwise
 from adamkit.storage.rounding import stream_uniform
+from adamkit.storage.shards import local
 
 SIGNED_KEYS = ("exp_avg",)
 
@@ -47,7 +48,11 @@ class BlockwiseCodec:
         return (f"{key}_codes", f"{key}_absmax")
 
     def allocate(self, param: Tensor, key: str) -> dict[str, Tensor]:
-        """Codes of an all-zero moment (zero codes are not all-zero bytes: encode zeros)."""
+        """Codes of an all-zero moment (zero codes are not all-zero bytes: encode zeros).
+
+        A DTensor param (FSDP2) gets plain codes for its local shard: blocks never cross shards.
+        """
+        param = local(param)
         n = param.numel() * (2 if param.is_complex() else 1)
         codes, absmax = blockwise.quantize(torch.zeros(n, device=param.device), **self._kw(key))
         codes_key, absmax_key = self.state_keys(key)

@@ -14,6 +14,8 @@ round-to-nearest would drop (below about 0.4% of the weight in bf16) survive in 
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import Tensor
 
@@ -30,9 +32,18 @@ def mix_key(seed: int, param_index: int, step: int, stream: int) -> int:
     return int(z & _MASK32)
 
 
-def uniform(numel: int, key: Tensor | int, device: torch.device | str = "cpu") -> Tensor:
-    """``numel`` float32 numbers in [0, 1), a pure function of ``key`` and the element index."""
-    h = torch.arange(numel, dtype=torch.int64, device=device)
+def uniform(
+    numel: int, key: Tensor | int, device: torch.device | str = "cpu", start: int | Tensor = 0
+) -> Tensor:
+    """``numel`` float32 numbers in [0, 1), a pure function of ``key`` and the element index.
+
+    Element ``i`` uses index ``start + i``, or ``start[i]`` when ``start`` is a tensor of
+    indices: a shard of a tensor draws exactly the numbers of its elements in the whole tensor.
+    """
+    if isinstance(start, Tensor):
+        h = start.reshape(-1).to(device=device, dtype=torch.int64)
+    else:
+        h = torch.arange(start, start + numel, dtype=torch.int64, device=device)
     h = (h * 0x9E3779B1 + key) & _MASK32
     h = h ^ (h >> 16)
     h = (h * 0x85EBCA6B) & _MASK32
@@ -51,8 +62,24 @@ STREAMS = {
 }
 
 
-def stream_uniform(like: Tensor, rng_key: Tensor | int, stream: str) -> Tensor:
+class ShardKey(NamedTuple):
+    """The key of a shard: ``key`` plus where the shard's elements sit in the whole tensor.
+
+    ``start`` is the row-major index of the shard's first element in the full tensor (the
+    shard is a contiguous range), or a tensor with the full-tensor index of every element of
+    the shard. Codecs pass it through to :func:`stream_uniform` unchanged, so a sharded step
+    (FSDP2) draws the numbers the unsharded step draws for the same elements.
+    """
+
+    key: Tensor | int
+    start: int | Tensor
+
+
+def stream_uniform(like: Tensor, rng_key: Tensor | int | ShardKey, stream: str) -> Tensor:
     """Uniform numbers for every element of ``like`` from the ``stream`` of ``rng_key``."""
+    if isinstance(rng_key, ShardKey):
+        key, start = rng_key
+        return uniform(like.numel(), key ^ STREAMS[stream], like.device, start)
     return uniform(like.numel(), rng_key ^ STREAMS[stream], like.device)
 
 

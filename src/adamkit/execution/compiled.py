@@ -1,0 +1,301 @@
+r"""The compiled executor: the update rule traced by torch.compile into a few fused kernels.
+
+An Adam step reads p, g, m, v and writes p, m, v: 28 B per fp32 param and no reuse, so it is
+bound by memory bandwidth and by whatever fixed cost each tensor adds. What was measured on the
+project's 2-core CPU (torch 2.13; docs/backends.md has the numbers) decided the design:
+
+- one graph over all of a model's tensors compiles in time that grows with the tensors (80 s for
+  200), so a compiled function covers a *chunk* of a few tensors, with dynamic sizes: at most
+  three kernels (small, mixed, uniform chunks; :mod:`adamkit.execution.plan`) per dtype and
+  flag set serve any number of tensors of any shapes;
+- calling a ``torch.compile``'d function costs about 3 us per tensor argument (guards and
+  argument handling), as much as the arithmetic of a 64x256 tensor; the executor calls
+  inductor's compiled callable directly (:mod:`adamkit.execution.kernels`);
+- params and grads are never copied (no torch.cat on the hot path) and the moments stay
+  torch's per-param tensors, so ``state_dict`` is torch's layout and a step moves 28 B/param;
+- hyperparameters and step-derived scalars reach the kernels as rows of a float32 table (one
+  row of :class:`adamkit.rule.StepScalars` per tensor, computed in double precision as the eager
+  path computes them): changing lr, betas, weight decay or the step never recompiles;
+- the step counters of a plan's params are 0-d views into one buffer (``state[p]['step']``
+  stays a 0-d float tensor), so advancing them is one op; with ``capturable`` the buffer and
+  the tables live on the device and a step reads nothing back to the host.
+
+The compiled path takes fp32/bf16/fp16 params with moments kept by the float codec with
+round-to-nearest (``state_dtype`` None or ``"float32"``); float64 and complex params,
+DTensors, stochastic rounding, int8/int4 states and non-contiguous params take the eager path,
+per param. The traced function already calls the codec's ``decode``/``encode_``, so other
+codecs can be traced into the same kernels once their state can be passed per chunk slot.
+
+``backend="auto"`` (:class:`AutoPolicy`) runs the uncompiled multi-tensor path until compiling
+is expected to have paid for itself. If compiling fails (no C++ compiler, an unsupported device
+or dtype, an inductor error), the executor warns once and the affected params take the
+uncompiled path from then on: a failed compile never ends a training run.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from torch import Tensor
+
+from adamkit.execution.capturable import run_capturable
+from adamkit.execution.eager import update_param_
+from adamkit.execution.kernels import (
+    CompileStats,
+    CompileUnavailable,
+    Kernel,
+    KernelSpec,
+    compile_stats,
+    compiled_kinds,
+    get_kernel,
+    mark_failed,
+    reset_kernels,
+)
+from adamkit.execution.multi_tensor import run_multi_tensor
+from adamkit.execution.plan import GroupPlan, compiled_eligible
+from adamkit.rule import StepScalars, UpdateFlags
+
+# ------------------------------------------------------------------------------------------------
+# the executor
+
+
+class CompiledExecutor:
+    """Runs an optimizer's groups through compiled kernels, with plans cached per group.
+
+    ``warn`` is called once with a message if some params must fall back to the uncompiled
+    path. With ``auto=True`` (``backend="auto"``) the groups take the uncompiled multi-tensor
+    path until :class:`AutoPolicy` expects the compile to pay for itself.
+    """
+
+    def __init__(self, *, auto: bool = False, warn: Callable[[str], None] | None = None):
+        self.auto = auto
+        self._warn = warn or (lambda msg: warnings.warn(msg, RuntimeWarning, stacklevel=4))
+        self._warned = False
+        self._plans: dict[int, GroupPlan] = {}
+        self._kinds: dict[int, tuple] = {}  # auto: the kernel kinds each group needs
+        self.policy = AutoPolicy() if auto else None
+
+    def invalidate(self) -> None:
+        """Forget the plans (after load_state_dict or a change of param groups)."""
+        self._plans.clear()
+        self._kinds.clear()
+
+    @property
+    def compiling(self) -> bool:
+        return self.policy is None or self.policy.compile_now
+
+    def step_group(
+        self,
+        index: int,
+        group: dict[str, Any],
+        grads_all: list[Tensor | None],
+        prepare: Callable[[list[Tensor]], tuple[list[dict], list]],
+        scalars_for_step: Callable[[float], StepScalars],
+        flags: UpdateFlags,
+        rng_keys: Callable[[list[Tensor]], Callable[[int, float], int]],
+        device_scalars: Callable[[Tensor], StepScalars] | None = None,
+    ) -> None:
+        """Step one group. ``prepare(params)`` returns their (initialised) states and codecs.
+
+        ``device_scalars`` (capturable groups) maps step tensors to StepScalars on the device;
+        then no value is read back to the host.
+        """
+        params_all = group["params"]
+        mask = tuple(g is not None for g in grads_all)
+        if not any(mask):
+            return
+        stochastic = group["stochastic_rounding"]
+        if not self.compiling:
+            params = [p for p, m in zip(params_all, mask) if m]
+            grads = [g for g in grads_all if g is not None]
+            states, codecs = prepare(params)
+            kinds = self._kinds.get(index)
+            if kinds is None or kinds[0] != mask or kinds[1] != flags:
+                kinds = (mask, flags, _kinds(params, codecs, stochastic))
+                self._kinds[index] = kinds
+            if _kernels_ready(kinds[2], flags):
+                self.policy.compile_now = True  # nothing left to pay for
+                return self.step_group(
+                    index,
+                    group,
+                    grads_all,
+                    prepare,
+                    scalars_for_step,
+                    flags,
+                    rng_keys,
+                    device_scalars,
+                )
+            start = time.perf_counter()
+            if device_scalars is not None:
+                run_capturable(params, grads, states, codecs, device_scalars, flags)
+                self.policy.observe(params, time.perf_counter() - start)
+                return
+            run_multi_tensor(
+                params,
+                grads,
+                states,
+                codecs,
+                scalars_for_step,
+                flags,
+                rng_keys=rng_keys(params),
+                stochastic_param=stochastic,
+            )
+            self.policy.observe(params, time.perf_counter() - start)
+            return
+        plan = self._plans.get(index)
+        grads = [g for g in grads_all if g is not None]
+        stale = (
+            plan is None
+            or plan.mask != mask
+            or plan.flags != flags
+            or (plan.device_scalars is None) != (device_scalars is None)
+        )
+        if stale or not _dense_grads_(plan, grads):
+            params = [p for p, m in zip(params_all, mask) if m]
+            states, codecs = prepare(params)
+            plan = GroupPlan(mask, params, states, codecs, flags, stochastic, grads, device_scalars)
+            self._plans[index] = plan
+            if plan.compile_error is not None:
+                self._warn_once(plan.compile_error)
+            _dense_grads_(plan, grads)  # the kernels need contiguous grads
+        if device_scalars is not None:
+            plan.device_scalars = device_scalars  # the group's current hyperparameters
+        self._run(plan, grads, scalars_for_step, rng_keys)
+
+    def _run(self, plan: GroupPlan, grads: list[Tensor], scalars_for_step, rng_keys) -> None:
+        steps, common = plan.advance_steps()
+        cache = plan.fill_tables(steps, common, scalars_for_step)
+        rest = plan.eager + plan.failed
+        calls = plan.calls
+        for k, call in enumerate(calls):
+            args = call.args
+            for pos, i in call.grad_slots:
+                args[pos] = grads[i]
+            try:
+                call.kernel.fn(*args)
+            except Exception as err:  # noqa: BLE001 - never end a training run here
+                rest = rest + [i for c in calls[k:] for i in c.members]
+                self._give_up(plan, call.kernel, err)
+                break
+            finally:
+                for pos, _ in call.grad_slots:
+                    args[pos] = None  # do not keep the grads alive
+        if rest and plan.device_scalars is not None:
+            for i in rest:
+                state = plan.states[i]
+                scalars = plan.device_scalars(state["step"])
+                update_param_(plan.params[i], grads[i], state, scalars, plan.flags, plan.codecs[i])
+        elif rest:
+            keys = rng_keys(plan.params)
+            for i in rest:
+                step = steps[i]
+                if step not in cache:
+                    cache[step] = scalars_for_step(step)
+                update_param_(
+                    plan.params[i],
+                    grads[i],
+                    plan.states[i],
+                    cache[step],
+                    plan.flags,
+                    plan.codecs[i],
+                    rng_key=keys(i, step),
+                    stochastic_param=plan.stochastic_param,
+                )
+
+    def _give_up(self, plan: GroupPlan, kernel: Kernel, err: Exception) -> None:
+        """A kernel failed at run time: this plan and later ones step its params uncompiled."""
+        failure = mark_failed(kernel.spec, err)
+        plan.failed = plan.failed + [i for c in plan.calls for i in c.members]
+        plan.buckets = []
+        plan.calls = []
+        plan.compile_error = failure
+        self._warn_once(failure)
+
+    def _warn_once(self, error: Exception) -> None:
+        if not self._warned:
+            self._warned = True
+            self._warn(
+                "adamkit: the compiled backend is unavailable for some params "
+                f"({error}); they take the uncompiled path"
+            )
+
+
+def _kinds(params: list[Tensor], codecs: list, stochastic: bool) -> set[tuple]:
+    """The kinds of kernel (device, dtype, codec, stored dtype) that ``params`` would need."""
+    return {
+        (p.device.type, p.dtype, codec, codec.stored_dtype(p))
+        for p, codec in zip(params, codecs)
+        if compiled_eligible(p, codec, stochastic)
+    }
+
+
+def _kernels_ready(kinds: set[tuple], flags: UpdateFlags) -> bool:
+    """Whether this process already compiled kernels for every kind in ``kinds``."""
+    return bool(kinds) and kinds <= compiled_kinds(flags)  # empty: nothing would run compiled
+
+
+def _dense_grads_(plan: GroupPlan, grads: list[Tensor]) -> bool:
+    """Whether ``grads`` fit the plan: strided, of the dtypes the plan was built for. Grads
+    that are not contiguous are replaced (in the list) by contiguous copies."""
+    try:
+        if not all(map(Tensor.is_contiguous, grads)):
+            for i, g in enumerate(grads):
+                grads[i] = g.contiguous()
+    except RuntimeError:  # a sparse grad: let the plan builder refuse it
+        return False
+    return [g.dtype for g in grads] == plan.grad_dtypes
+
+
+# ------------------------------------------------------------------------------------------------
+# backend="auto"
+
+
+class AutoPolicy:
+    """When to stop using the uncompiled path and compile (``backend="auto"``).
+
+    A ski-rental rule: keep stepping uncompiled while the time the compiled kernels would have
+    saved so far is less than what compiling is expected to cost. The saving per step is the
+    measured uncompiled step time minus the expected compiled one (params / COMPILED_RATE); so a
+    model of 10k params never compiles in a short run, and a model of 50M params compiles
+    after a few dozen steps. Kernels already compiled in this process cost nothing, so an
+    optimizer whose kernels exist switches at once. Device steps are asynchronous, so off the
+    CPU the uncompiled time is estimated from the sizes instead of measured.
+    """
+
+    COMPILE_SECONDS = 10.0
+    COMPILED_RATE = {"cpu": 1.0e9, "cuda": 5.0e10}  # params per second, conservative
+    UNCOMPILED_RATE = {"cpu": 2.5e8, "cuda": 5.0e9}
+    PER_TENSOR_SECONDS = {"cpu": 5e-5, "cuda": 1e-4}
+
+    def __init__(self) -> None:
+        self.saved = 0.0
+        self.compile_now = False
+
+    def observe(self, params: Sequence[Tensor], seconds: float) -> None:
+        if self.compile_now or not params:
+            return
+        device = params[0].device.type
+        numel = sum(p.numel() for p in params)
+        if device != "cpu":
+            seconds = numel / self.UNCOMPILED_RATE.get(device, 5e9) + len(params) * (
+                self.PER_TENSOR_SECONDS.get(device, 1e-4)
+            )
+        compiled = numel / self.COMPILED_RATE.get(device, 5e10) + len(params) * 1e-6
+        self.saved += max(0.0, seconds - compiled)
+        if self.saved >= self.COMPILE_SECONDS:
+            self.compile_now = True
+
+
+__all__ = [
+    "CompileStats",
+    "CompileUnavailable",
+    "CompiledExecutor",
+    "AutoPolicy",
+    "KernelSpec",
+    "compile_stats",
+    "get_kernel",
+    "reset_kernels",
+]

@@ -1,0 +1,276 @@
+"""The compiled and multi-tensor executors against the eager path (the oracle).
+
+Compiling costs seconds, so the tests share kernels: every kernel is keyed by what it is
+specialised on (device, dtypes, flags, chunk width), and the registry's configs need five of
+them. Shapes stay small; what is checked is the wiring (which tensor goes where, every flag,
+groups, grad None, the state layout), not speed.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from registry import REGISTRY, Config, build, relative_error, run_parity
+
+import adamkit
+from adamkit.execution import kernels, plan
+from adamkit.execution.compiled import compile_stats
+
+STEPS = 50
+TOLERANCE = 2e-6  # relative: max |compiled - eager| / max |eager|, per tensor, every step
+# bf16 params: both paths compute in fp32 and round to bf16; where the fp32 results differ in
+# the last bit (inductor does not contract a*b+c into an FMA where ATen's CPU kernels do), the
+# rounding can land one bf16 ulp apart. Allow that ulp (2^-8 of the largest element).
+BF16_TOLERANCE = 2.0**-7
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _forget_kernels_afterwards():
+    """backend="auto" switches at once to kernels this process already compiled; later test
+    files expect auto's uncompiled path (bitwise torch's), so forget ours when done."""
+    yield
+    kernels.reset_kernels()
+
+
+def _eager(cfg: Config):
+    return lambda params: build(cfg, params, torch_impl=False, backend="eager")
+
+
+@pytest.mark.parametrize("cfg", REGISTRY, ids=str)
+@pytest.mark.parametrize("backend", ["compiled", "auto"])
+def test_matches_eager_every_step(cfg: Config, backend: str) -> None:
+    # auto runs the multi-tensor path (bitwise the eager one) until it compiles; here it
+    # compiles at once when an earlier test compiled the kernels it needs.
+    tol = BF16_TOLERANCE if cfg.dtype == torch.bfloat16 else TOLERANCE
+
+    def compare(step: int, what: str, ours: torch.Tensor, theirs: torch.Tensor) -> None:
+        assert ours.dtype == theirs.dtype and ours.shape == theirs.shape, (step, what)
+        err = relative_error(ours, theirs)
+        assert err <= tol, f"{cfg.name}/{backend}: step {step} {what}: {err:.3g} > {tol}"
+
+    run_parity(cfg, STEPS, compare, reference=_eager(cfg), backend=backend)
+
+
+def _model(shapes, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(s, generator=gen).requires_grad_() for s in shapes]
+
+
+def _set_grads(params, step):
+    gen = torch.Generator().manual_seed(100 + step)
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=gen)
+
+
+def _pair(shapes, **kwargs):
+    ours, ref = _model(shapes), _model(shapes)
+    return (
+        ours,
+        ref,
+        adamkit.AdamW(ours, backend="compiled", **kwargs),
+        adamkit.AdamW(ref, backend="eager", **kwargs),
+    )
+
+
+def _assert_close(ours, ref, opt, ref_opt, tol=TOLERANCE):
+    for p, q in zip(ours, ref):
+        assert relative_error(p, q) <= tol
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert relative_error(opt.state[p][key], ref_opt.state[q][key]) <= tol
+        assert float(opt.state[p]["step"]) == float(ref_opt.state[q]["step"])
+
+
+def _graphs() -> int:
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
+def test_changing_hyperparameters_and_step_does_not_recompile() -> None:
+    shapes = [(7, 5), (13,), (40,)]
+    ours, ref, opt, ref_opt = _pair(shapes, lr=1e-2, weight_decay=0.1)
+    _set_grads(ours, 0), _set_grads(ref, 0)
+    opt.step(), ref_opt.step()
+    before = (compile_stats().compiles, _graphs())
+    for step in range(1, 8):
+        for o in (opt, ref_opt):
+            group = o.param_groups[0]
+            group["lr"] = 1e-2 / step
+            group["betas"] = (0.9 - 0.01 * step, 0.999 - 0.001 * step)
+            group["weight_decay"] = 0.1 * step
+            group["eps"] = 10.0**-step
+        _set_grads(ours, step), _set_grads(ref, step)
+        opt.step(), ref_opt.step()
+        _assert_close(ours, ref, opt, ref_opt)
+    assert (compile_stats().compiles, _graphs()) == before
+
+
+def test_a_bounded_number_of_compiles_serves_many_shapes() -> None:
+    gen = torch.Generator().manual_seed(3)
+    sizes = torch.randint(2, 12000, (60,), generator=gen).tolist()
+    # 60 distinct sizes (small and mixed chunks) and 20 equal ones (uniform chunks)
+    shapes = [(n,) for n in sizes] + [(64, 80)] * (plan.UNIFORM_WIDTH + 4)
+    ours, ref, opt, ref_opt = _pair(shapes, lr=1e-2)
+    before = compile_stats().compiles
+    for step in range(3):
+        _set_grads(ours, step), _set_grads(ref, step)
+        opt.step(), ref_opt.step()
+    _assert_close(ours, ref, opt, ref_opt)
+    assert compile_stats().compiles - before <= 3  # a small, a mixed and a uniform kernel
+    # another model with other shapes reuses them
+    before = compile_stats().compiles
+    other, ref2, opt2, ref_opt2 = _pair([(n + 1, 3) for n in sizes[:30]], lr=1e-2)
+    _set_grads(other, 0), _set_grads(ref2, 0)
+    opt2.step(), ref_opt2.step()
+    _assert_close(other, ref2, opt2, ref_opt2)
+    assert compile_stats().compiles == before
+
+
+def test_state_dict_is_torch_layout_and_round_trips() -> None:
+    shapes = [(7, 5), (13,)]
+    ours, ref, opt, ref_opt = _pair(shapes, lr=1e-2)
+    for step in range(3):
+        _set_grads(ours, step), _set_grads(ref, step)
+        opt.step(), ref_opt.step()
+    sd = opt.state_dict()
+    for i, p in enumerate(ours):
+        entry = sd["state"][i]
+        assert entry["step"].dim() == 0 and entry["step"].dtype == torch.float32
+        assert entry["exp_avg"].shape == p.shape
+    torch_opt = torch.optim.AdamW(_model(shapes), lr=1e-2)
+    torch_opt.load_state_dict(sd)
+    # load into a fresh compiled optimizer and keep going: same as the eager run
+    resumed = [p.detach().clone().requires_grad_() for p in ours]
+    opt2 = adamkit.AdamW(resumed, lr=1e-2, backend="compiled")
+    opt2.load_state_dict(sd)
+    for step in range(3, 6):
+        _set_grads(resumed, step), _set_grads(ref, step)
+        opt2.step(), ref_opt.step()
+    _assert_close(resumed, ref, opt2, ref_opt)
+
+
+def test_compile_failure_falls_back_with_one_warning(monkeypatch) -> None:
+    def broken(spec, device):
+        raise kernels.CompileUnavailable("simulated: no C++ compiler")
+
+    monkeypatch.setattr(kernels, "_KERNELS", {})
+    monkeypatch.setattr(kernels, "_compile", broken)
+    for backend in ("compiled", "auto"):
+        shapes = [(7, 5), (13,), (40,)]
+        ours, ref = _model(shapes), _model(shapes)
+        opt = adamkit.AdamW(ours, lr=1e-2, backend=backend)
+        ref_opt = adamkit.AdamW(ref, lr=1e-2, backend="eager")
+        if backend == "auto":
+            opt._step_executor().policy.compile_now = True  # as if the compile paid off
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for step in range(4):
+                _set_grads(ours, step), _set_grads(ref, step)
+                opt.step(), ref_opt.step()
+        messages = [str(w.message) for w in caught if "compiled backend" in str(w.message)]
+        assert len(messages) == 1, messages
+        assert "simulated" in messages[0]
+        _assert_close(ours, ref, opt, ref_opt, tol=0.0)
+
+
+@pytest.mark.parametrize("backend", ["compiled", "eager"])
+def test_grad_scaler_skips_inf_steps_and_unscales(backend: str) -> None:
+    shapes = [(7, 5), (13,)]
+    ours, ref = _model(shapes), _model(shapes)
+    opt = adamkit.AdamW(ours, lr=1e-2, backend=backend)
+    ref_opt = adamkit.AdamW(ref, lr=1e-2, backend="eager")
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    x = torch.randn(5)
+    for step in range(4):
+        bad = step == 2
+        loss = (ours[0] @ x).sum() + ours[1].sum() * (float("inf") if bad else 1.0)
+        opt.zero_grad()
+        scaler.scale(loss).backward()
+        before = [p.detach().clone() for p in ours]
+        state_before = {k: v.clone() for k, v in opt.state[ours[0]].items()} if step else {}
+        scaler.step(opt)
+        scale_used = scaler.get_scale()
+        scaler.update()
+        if bad:
+            assert all(torch.equal(p, b) for p, b in zip(ours, before))
+            for key, value in state_before.items():
+                assert torch.equal(opt.state[ours[0]][key], value), key
+            continue
+        # the reference sees the unscaled gradients
+        for p, q in zip(ours, ref):
+            q.grad = p.grad.clone()
+        ref_opt.step()
+        assert scale_used > 0
+    _assert_close(ours, ref, opt, ref_opt)
+    assert float(opt.state[ours[0]]["step"]) == 3.0
+
+
+def test_auto_does_not_compile_a_small_short_job(monkeypatch) -> None:
+    monkeypatch.setattr(kernels, "_KERNELS", {})  # as in a fresh process
+    model = torch.nn.Sequential(torch.nn.Linear(64, 96), torch.nn.Tanh(), torch.nn.Linear(96, 40))
+    assert sum(p.numel() for p in model.parameters()) < 11_000
+    opt = adamkit.AdamW(model.parameters(), lr=1e-3)  # backend="auto" by default
+    before = compile_stats().compiles
+    x = torch.randn(32, 64)
+    for _ in range(100):
+        opt.zero_grad()
+        model(x).square().mean().backward()
+        opt.step()
+    assert compile_stats().compiles == before
+    assert not opt._step_executor().compiling
+
+
+def test_invalid_backend_is_refused() -> None:
+    with pytest.raises(ValueError, match="Invalid backend='fast'"):
+        adamkit.Adam([torch.zeros(2, requires_grad=True)], backend="fast")
+
+
+@pytest.mark.parametrize("backend", ["compiled", "eager"])
+def test_capturable_keeps_steps_on_device_and_matches(backend: str) -> None:
+    shapes = [(7, 5), (13,), (5000,)]
+    ours, ref = _model(shapes), _model(shapes)
+    opt = adamkit.AdamW(ours, lr=1e-2, weight_decay=0.1, backend=backend, capturable=True)
+    ref_opt = adamkit.AdamW(ref, lr=1e-2, weight_decay=0.1, backend="eager")
+    for step in range(6):
+        _set_grads(ours, step), _set_grads(ref, step)
+        if step == 3:
+            ours[1].grad = ref[1].grad = None
+        opt.step(), ref_opt.step()
+    _assert_close(ours, ref, opt, ref_opt)
+    for p in ours:
+        step = opt.state[p]["step"]
+        assert step.dtype == torch.float32 and step.device == p.device and step.dim() == 0
+
+
+def test_capturable_step_traces_whole_under_torch_compile() -> None:
+    p = torch.randn(33, requires_grad=True)
+    q = p.detach().clone().requires_grad_()
+    opt = adamkit.AdamW([p], lr=1e-2, capturable=True)
+    ref_opt = adamkit.AdamW([q], lr=1e-2, backend="eager")
+    compiled_step = torch.compile(opt.step, fullgraph=True)
+    for step in range(3):
+        p.grad = torch.full_like(p, 0.1 * (step + 1))
+        q.grad = p.grad.clone()
+        compiled_step()
+        ref_opt.step()
+    assert relative_error(p, q) <= TOLERANCE
+    assert float(opt.state[p]["step"]) == 3.0
+
+
+def test_non_contiguous_grads_and_params_are_handled() -> None:
+    shapes = [(64, 80), (80, 64), (33,)]
+    ours, ref = _model(shapes), _model(shapes)
+    # a non-contiguous param (stepped on the eager path) and non-contiguous grads
+    ours[1] = ours[1].detach().t().contiguous().t().requires_grad_()
+    ref[1] = ref[1].detach().t().contiguous().t().requires_grad_()
+    opt = adamkit.AdamW(ours, lr=1e-2, backend="compiled")
+    ref_opt = adamkit.AdamW(ref, lr=1e-2, backend="eager")
+    for step in range(3):
+        gen = torch.Generator().manual_seed(step)
+        for p, q in zip(ours, ref):
+            g = torch.randn(tuple(reversed(p.shape)), generator=gen).t()  # non-contiguous
+            p.grad, q.grad = g, g.clone()
+        opt.step(), ref_opt.step()
+    _assert_close(ours, ref, opt, ref_opt)
