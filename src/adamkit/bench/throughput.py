@@ -296,7 +296,41 @@ def parser() -> argparse.ArgumentParser:
         help=f"comma list of {', '.join(CANDIDATES)} (adamkit-* may be given as eager, ...)",
     )
     ap.add_argument("--json", metavar="PATH", help="write the results as JSON")
+    ap.add_argument(
+        "--monitor",
+        action="store_true",
+        help="instead: the cost of adamkit.Monitor every step and every 10 steps, per backend",
+    )
     return ap
+
+
+def monitor_overhead(args: argparse.Namespace) -> int:
+    """Print what a Monitor sampling every step / every 10 steps adds to a step, per backend."""
+    from adamkit.diagnostics.overhead import measure, transformer_like_params
+    from adamkit.optim import AdamW
+
+    rows = {}
+    for backend in ("eager", "compiled"):
+        params = transformer_like_params(device=args.device)
+        result = measure(
+            lambda ps, backend=backend: AdamW(ps, lr=1e-4, backend=backend),
+            params,
+            every=(1, 10),
+            steps=20,
+            repeats=args.repeats,
+        )
+        rows[backend] = result
+        mon = result["monitored"]
+        print(
+            f"monitor overhead, backend={backend}: {result['params'] / 1e6:.1f}M params in "
+            f"{result['tensors']} tensors, plain step {result['plain_s'] * 1e3:.2f} ms; "
+            f"every step +{mon[1]['overhead']:.1%} (hooks {mon[1]['hook_overhead']:.1%}), "
+            f"every 10 steps +{mon[10]['overhead']:.1%} (hooks {mon[10]['hook_overhead']:.1%})"
+        )
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=2, default=str)
+    return 0
 
 
 def _candidates(value: str) -> list[str]:
@@ -315,6 +349,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print("adamkit bench: --device cuda but CUDA is not available", file=sys.stderr)
         return 2
+    if args.monitor:
+        return monitor_overhead(args)
     if args.params or args.tensors:
         layouts = ["custom"] if args.layouts == "big,many" else args.layouts.split(",")
     else:
