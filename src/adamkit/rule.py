@@ -101,6 +101,25 @@ def decay_coefficient(
     )
 
 
+def bias_corrections(step: Scalar, beta1: Scalar, beta2: Scalar) -> tuple[Scalar, Scalar]:
+    """(1 - beta1^t, 1 - beta2^t) for step t (floats, 0-d tensors or NumPy arrays)."""
+    return 1 - beta1**step, 1 - beta2**step
+
+
+def corrected_root(second_moment, bias_correction2):
+    """sqrt(v_hat) = sqrt(v / (1 - beta2^t)), elementwise (tensors or NumPy arrays)."""
+    return (second_moment / bias_correction2) ** 0.5
+
+
+def normalized_update(exp_avg, second_moment, bias_correction1, bias_correction2, eps):
+    """u = m_hat / (sqrt(v_hat) + eps): the direction :func:`adam_update` moves p along, as
+    Algorithm 1 writes it (the step is -lr * u; :func:`adam_update` evaluates the same quantity
+    in torch's operation order). Used by the diagnostics; works on tensors and NumPy arrays.
+    ``second_moment`` is v, or AMSGrad's running max.
+    """
+    return (exp_avg / bias_correction1) / (corrected_root(second_moment, bias_correction2) + eps)
+
+
 def step_scalars(
     *,
     lr: Scalar,
@@ -118,8 +137,7 @@ def step_scalars(
     With Python floats this is double precision, exactly as torch's single-tensor path; with
     0-d tensors (capturable/compiled) the same expressions run on the device.
     """
-    bias_correction1 = 1 - beta1**step
-    bias_correction2 = 1 - beta2**step
+    bias_correction1, bias_correction2 = bias_corrections(step, beta1, beta2)
     if isinstance(bias_correction2, (int, float)):
         bias_correction2_sqrt = math.sqrt(bias_correction2)
     else:

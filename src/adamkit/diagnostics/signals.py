@@ -72,6 +72,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from adamkit import rule
+from adamkit.rule import bias_corrections
+
 Scalar = float | Tensor
 
 LARGE_UPDATE = 0.5  # |u| above this counts toward large_update_frac
@@ -83,17 +86,12 @@ PERCENTILES = (5, 50, 95)
 # the single-signal definitions
 
 
-def bias_corrections(step: Scalar, beta1: Scalar, beta2: Scalar) -> tuple[Scalar, Scalar]:
-    """(1 - beta1^t, 1 - beta2^t)."""
-    return 1 - beta1**step, 1 - beta2**step
-
-
 def normalized_update(
     exp_avg: Tensor, exp_avg_sq: Tensor, step: Scalar, beta1: Scalar, beta2: Scalar, eps: Scalar
 ) -> Tensor:
-    """u = m_hat / (sqrt(v_hat) + eps), per entry."""
+    """u = m_hat / (sqrt(v_hat) + eps), per entry (:func:`adamkit.rule.normalized_update`)."""
     bc1, bc2 = bias_corrections(step, beta1, beta2)
-    return (exp_avg / bc1) / ((exp_avg_sq / bc2).sqrt() + eps)
+    return rule.normalized_update(exp_avg, exp_avg_sq, bc1, bc2, eps)
 
 
 def rms(x: Tensor) -> Tensor:
@@ -119,7 +117,7 @@ def log10_update_to_weight(param_before: Tensor, param_after: Tensor) -> Tensor:
 def eps_dominated_frac(exp_avg_sq: Tensor, step: Scalar, beta2: Scalar, eps: Scalar) -> Tensor:
     """Among entries with v > 0, the fraction with sqrt(v_hat) < eps."""
     _, bc2 = bias_corrections(step, 0.0, beta2)
-    root = (exp_avg_sq / bc2).sqrt()
+    root = rule.corrected_root(exp_avg_sq, bc2)
     return (root < eps)[root > 0].float().mean()
 
 
@@ -140,7 +138,7 @@ def effective_lr(
 ) -> Tensor:
     """lr / (sqrt(v_hat) + eps), per entry."""
     _, bc2 = bias_corrections(step, 0.0, beta2)
-    return lr / ((exp_avg_sq / bc2).sqrt() + eps)
+    return lr / (rule.corrected_root(exp_avg_sq, bc2) + eps)
 
 
 def nonfinite_count(*tensors: Tensor) -> Tensor:
@@ -210,7 +208,7 @@ def fused_sums(
     """
     v = exp_avg_sq if max_exp_avg_sq is None else max_exp_avg_sq
     v_hat = v / bias_correction2
-    u = (exp_avg / bias_correction1) / (v_hat.sqrt() + eps)
+    u = rule.normalized_update(exp_avg, v, bias_correction1, bias_correction2, eps)
     delta = param_after - param_before
     return torch.stack(
         [
@@ -310,8 +308,8 @@ def batch_sums(b: SampleBatch) -> tuple[dict[str, np.ndarray], np.ndarray, np.nd
         bc2 = (1 - b.beta2**b.step)[:, None]
         eps = b.eps[:, None]
         v_hat = v / bc2
-        root = np.sqrt(v_hat)
-        u = (m / bc1) / (root + eps)
+        root = rule.corrected_root(v, bc2)
+        u = rule.normalized_update(m, v, bc1, bc2, eps)
         delta = p1 - p0
         active = upd & (root > 0)
 
