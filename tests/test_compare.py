@@ -310,7 +310,8 @@ def test_without_a_monitor_the_summary_says_so(tmp_path, monkeypatch):
 
 
 def test_the_real_monitor_attaches_to_every_optimizer(tmp_path, monkeypatch):
-    diagnostics = pytest.importorskip("adamkit.diagnostics")
+    import adamkit.diagnostics as diagnostics
+
     monkeypatch.setattr(adamkit, "Monitor", diagnostics.Monitor, raising=False)
     _, data = _compare(tmp_path, "--tasks", "digits-logreg", "--steps", "20", "--seeds", "1")
     assert {r["optimizer"] for r in data["runs"]} == set(OPTIMIZERS)
