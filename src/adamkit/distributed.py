@@ -29,9 +29,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from adamkit.execution.eager import compute_dtype
 from adamkit.storage import blockwise
 from adamkit.storage.float import real_view
 from adamkit.storage.quantized import BlockwiseCodec
+from adamkit.storage.select import MOMENT_KEYS as MOMENTS
 from adamkit.storage.select import infer_codec
 from adamkit.storage.shards import (
     is_dtensor,
@@ -42,12 +44,6 @@ from adamkit.storage.shards import (
     wrap_like,
 )
 
-MOMENTS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
-
-
-def _compute_dtype(param: Tensor) -> torch.dtype:
-    return torch.float64 if param.dtype in (torch.float64, torch.complex128) else torch.float32
-
 
 def _decode_local(state: dict[str, Any], key: str, param: Tensor) -> Tensor | None:
     """``param``'s moment ``key`` decoded from its local state, shaped as the local shard."""
@@ -56,7 +52,7 @@ def _decode_local(state: dict[str, Any], key: str, param: Tensor) -> Tensor | No
     if codec is None:
         return None
     real = real_view(local(param))
-    value = codec.decode(local_state, key, real.shape, _compute_dtype(param))
+    value = codec.decode(local_state, key, real.shape, compute_dtype(param))
     if param.is_complex():
         value = torch.view_as_complex(value.contiguous())
     return value
@@ -133,7 +129,7 @@ def adopt_sharded_state(optimizer: Any, param: Tensor, saved: dict[str, Any]) ->
     codec, _ = optimizer.codec_for(param)
     state = optimizer.state[param]
     shape = real_view(local(param)).shape
-    dtype = _compute_dtype(param)
+    dtype = compute_dtype(param)
     for key in MOMENTS:
         source = infer_codec(saved, key)
         for stale in (key, f"{key}_codes", f"{key}_absmax"):

@@ -29,6 +29,7 @@ from adamkit.storage.quantized import BlockwiseCodec
 from adamkit.storage.rounding import mix_key
 from adamkit.storage.select import (
     DEFAULT_MIN_QUANTIZED_SIZE,
+    MOMENT_KEYS,
     Codec,
     infer_codec,
     select_codec,
@@ -51,7 +52,6 @@ _ADAMKIT_GROUP_KEYS = (
     "stochastic_rounding",
     "capturable",
 )
-MOMENT_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 BACKENDS = ("auto", "eager", "compiled")
 
 

@@ -47,6 +47,7 @@ from torch.optim import Optimizer
 
 from adamkit.diagnostics import signals as S
 from adamkit.diagnostics.alerts import Alert, AlertConfig, AlertEngine, log_alert
+from adamkit.execution.eager import compute_dtype
 from adamkit.storage.shards import is_dtensor, local
 
 
@@ -61,10 +62,6 @@ def _step_value(x: Any) -> float | Tensor | None:
     if isinstance(x, Tensor):
         return float(x) if x.device.type == "cpu" else x.detach().clone()
     return float(x)
-
-
-def _compute_dtype(p: Tensor) -> torch.dtype:
-    return torch.float64 if p.dtype in (torch.float64, torch.complex128) else torch.float32
 
 
 def param_names(optimizer: Optimizer, names: Any = None) -> list[list[str]]:
@@ -565,7 +562,7 @@ def _squared_norms(rows: list[_Row], transfer: _Transfer) -> list[tuple]:
     batches: dict[tuple, list[int]] = {}
     for i, row in enumerate(rows):
         n = S.N_SUMS if row.exact is not None else 3 if row.has_state else 1
-        dtype = _compute_dtype(row.refs["grad"])
+        dtype = compute_dtype(row.refs["grad"])
         mesh, dims = row.shards if row.shards is not None else (None, ())
         key = (row.refs["grad"].device, id(mesh), dims, n, dtype, row.exact is not None)
         batches.setdefault(key, []).append(i)

@@ -23,6 +23,9 @@ from torch import Tensor
 from adamkit.storage.float import FloatCodec
 from adamkit.storage.quantized import BlockwiseCodec
 
+MOMENT_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+"""The moments a codec stores: m, v and (AMSGrad) the running max of v."""
+
 STATE_DTYPES = (None, "float32", "bfloat16", "int8", "int4")
 DEFAULT_MIN_QUANTIZED_SIZE = 4096
 
