@@ -64,7 +64,34 @@ def _set(obj: object, name: str, value: object) -> None:
 
 
 @dataclass(frozen=True)
-class WarmupCosine:
+class _WarmupThenDecay:
+    """Linear warmup to 1 over ``warmup_steps``, then a decay of ``_shape`` to ``min_ratio`` at
+    ``total_steps``, flat afterwards. Subclasses name the shape."""
+
+    _shape = ""  # a decay shape of ``decay_multiplier`` (class attribute, not a field)
+
+    warmup_steps: int
+    total_steps: int
+    _: KW_ONLY
+    min_ratio: float = 0.0
+    start_ratio: float | None = None
+
+    def __post_init__(self) -> None:
+        _set(self, "warmup_steps", check_steps("warmup_steps", self.warmup_steps))
+        _set(self, "total_steps", check_steps("total_steps", self.total_steps))
+        _check_warmup_within(self.warmup_steps, self.total_steps)
+        _set(self, "min_ratio", check_ratio("min_ratio", self.min_ratio))
+        _set(self, "start_ratio", check_optional_ratio("start_ratio", self.start_ratio))
+
+    def __call__(self, step: int) -> float:
+        s, w, t = check_step(step), self.warmup_steps, self.total_steps
+        if s < w:
+            return warmup_multiplier(s, w, self.start_ratio)
+        return decay_multiplier(self._shape, s, w, t - w, self.min_ratio)
+
+
+@dataclass(frozen=True)
+class WarmupCosine(_WarmupThenDecay):
     """Linear warmup to 1, cosine from 1 at ``warmup_steps`` to ``min_ratio`` at ``total_steps``.
 
     For ``s >= W``: ``p = min(1, (s - W) / max(1, T - W))``,
@@ -74,28 +101,11 @@ class WarmupCosine:
     ``total_steps``. With ``T == W`` the decay takes the one step after the peak (as there).
     """
 
-    warmup_steps: int
-    total_steps: int
-    _: KW_ONLY
-    min_ratio: float = 0.0
-    start_ratio: float | None = None
-
-    def __post_init__(self) -> None:
-        _set(self, "warmup_steps", check_steps("warmup_steps", self.warmup_steps))
-        _set(self, "total_steps", check_steps("total_steps", self.total_steps))
-        _check_warmup_within(self.warmup_steps, self.total_steps)
-        _set(self, "min_ratio", check_ratio("min_ratio", self.min_ratio))
-        _set(self, "start_ratio", check_optional_ratio("start_ratio", self.start_ratio))
-
-    def __call__(self, step: int) -> float:
-        s, w, t = check_step(step), self.warmup_steps, self.total_steps
-        if s < w:
-            return warmup_multiplier(s, w, self.start_ratio)
-        return decay_multiplier("cosine", s, w, t - w, self.min_ratio)
+    _shape = "cosine"
 
 
 @dataclass(frozen=True)
-class WarmupLinear:
+class WarmupLinear(_WarmupThenDecay):
     """Linear warmup to 1, linear from 1 at ``warmup_steps`` to ``min_ratio`` at ``total_steps``.
 
     For ``s >= W``: ``p = min(1, (s - W) / max(1, T - W))``,
@@ -104,24 +114,7 @@ class WarmupLinear:
     (transformers writes ``(T - s) / (T - W)``) for ``T > W``.
     """
 
-    warmup_steps: int
-    total_steps: int
-    _: KW_ONLY
-    min_ratio: float = 0.0
-    start_ratio: float | None = None
-
-    def __post_init__(self) -> None:
-        _set(self, "warmup_steps", check_steps("warmup_steps", self.warmup_steps))
-        _set(self, "total_steps", check_steps("total_steps", self.total_steps))
-        _check_warmup_within(self.warmup_steps, self.total_steps)
-        _set(self, "min_ratio", check_ratio("min_ratio", self.min_ratio))
-        _set(self, "start_ratio", check_optional_ratio("start_ratio", self.start_ratio))
-
-    def __call__(self, step: int) -> float:
-        s, w, t = check_step(step), self.warmup_steps, self.total_steps
-        if s < w:
-            return warmup_multiplier(s, w, self.start_ratio)
-        return decay_multiplier("linear", s, w, t - w, self.min_ratio)
+    _shape = "linear"
 
 
 @dataclass(frozen=True)
