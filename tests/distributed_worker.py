@@ -30,6 +30,7 @@ from torch import nn
 IN, HIDDEN, OUT = 40, 120, 35
 BATCH = 8  # global batch, split evenly over 1, 2 or 4 ranks
 STATE_DTYPES = (None, "float32", "bfloat16", "int8", "int4")
+COMPILED_DTYPES = ("float32", "int8")  # FSDP2 with backend="compiled" (kernels compile per rank)
 HPARAMS = {"lr": 1e-2, "betas": (0.9, 0.99), "weight_decay": 0.1}
 RESUME_STEP = 3  # the checkpoint tests save after this many steps
 
@@ -311,15 +312,21 @@ def run_zero(state_dtype, n: int, rank: int, world: int, outdir: Path, reload: b
     return snap
 
 
-def run_fsdp2(state_dtype, n: int, rank: int, world: int, torch_adamw: bool = False) -> dict:
+def run_fsdp2(
+    state_dtype, n: int, rank: int, world: int, torch_adamw: bool = False, backend="eager"
+) -> dict:
     model = fsdp2(make_model())
     if torch_adamw:
         opt = torch.optim.AdamW(model.parameters(), **HPARAMS)
     else:
-        opt = make_adamkit(model.parameters(), state_dtype)
+        opt = make_adamkit(model.parameters(), state_dtype, backend=backend)
     for s in range(n):
         train_step(model, opt, s, rank, world)
     snap = snapshot(model, opt)
+    if backend == "compiled":  # which params the compiled kernels stepped
+        plans = opt._executor._plans.values()
+        snap["uncompiled"] = sum(len(p.eager) + len(p.failed) for p in plans)
+        snap["compiled"] = sum(len({i for c in p.calls for i in c.members}) for p in plans)
     snap["state_types"] = sorted(
         {f"{k}:{type(v).__name__}" for st in opt.state.values() for k, v in st.items()}
     )
@@ -344,6 +351,22 @@ def scenario_parity(outdir: Path, steps: str, state_dtypes: str = "all") -> None
         print(f"{state_dtype}: {time.perf_counter() - t0:.1f}s", flush=True)
     results["fsdp2-torch", None] = run_fsdp2(None, n, rank, world, torch_adamw=True)
     torch.save(results, outdir / f"parity-rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def scenario_fsdp2_compiled(outdir: Path, steps: str) -> None:
+    """FSDP2 with backend="compiled" and with the eager backend, for each of COMPILED_DTYPES.
+    Each rank compiles its kernels on the first step (from inductor's disk cache when the
+    single-process tests compiled them before)."""
+    rank, world = init()
+    n = int(steps)
+    results = {}
+    for state_dtype in COMPILED_DTYPES:
+        results["eager", state_dtype] = run_fsdp2(state_dtype, n, rank, world)
+        results["compiled", state_dtype] = run_fsdp2(
+            state_dtype, n, rank, world, backend="compiled"
+        )
+    torch.save(results, outdir / f"fsdp2_compiled-rank{rank}.pt")
     dist.destroy_process_group()
 
 
@@ -446,6 +469,26 @@ def load_unsharded_export(state_dtype) -> dict:
     return {"got": {k: got[k] for k in want}, "want": want}
 
 
+def load_unsharded_codes(state_dtype) -> dict:
+    """A one-process run's own ``state_dict`` (codes and scales of the whole tensors) loaded
+    with ``load_state_dict`` into a sharded optimizer whose shards start inside blocks: each
+    rank decodes the blocks that cover its rows and encodes them in its own blocks. Returns
+    the sharded optimizer's moments (gathered), the one-process run's, and the local keys."""
+    single = make_model()
+    single_opt = make_adamkit(single.parameters(), state_dtype)
+    for s in range(RESUME_STEP):
+        train_step(single, single_opt, s)
+    model, opt = fresh_fsdp2(state_dtype)
+    opt.load_state_dict(single_opt.state_dict())
+    got, want = snapshot(model, opt), snapshot(single, single_opt)
+    keys = sorted({k for _, k in local_state(model, opt)})
+    return {"got": {k: got[k] for k in MOMENT_NAMES}, "want": {k: want[k] for k in MOMENT_NAMES},
+            "keys": keys}  # fmt: skip
+
+
+MOMENT_NAMES = ("exp_avg", "exp_avg_sq")
+
+
 def scenario_dcp_load(outdir: Path, ckpt_root: str, after: str) -> None:
     """Load the checkpoints of :func:`scenario_dcp_save` on this world size (resharding) and
     train the ``after`` steps that followed them."""
@@ -460,12 +503,153 @@ def scenario_dcp_load(outdir: Path, ckpt_root: str, after: str) -> None:
             train_step(model, opt, s, rank, world)
         results["trained", state_dtype] = snapshot(model, opt)
         results["full-load", state_dtype] = load_unsharded_export(state_dtype)
+        if state_dtype in ("int8", "int4"):
+            results["full-codes-load", state_dtype] = load_unsharded_codes(state_dtype)
         if state_dtype in (None, "int8"):  # the checkpoint is torch's layout
             model = fsdp2(make_model())
             opt = torch.optim.AdamW(model.parameters(), **HPARAMS)
             load_checkpoint(model, opt, Path(ckpt_root) / f"ckpt-{state_dtype}", partial=True)
             results["torch-adamw", state_dtype] = snapshot(model, opt)
     torch.save(results, outdir / f"dcp-load-rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------------------------------------
+# compact checkpoints: a model whose first weight is checkpointed as codes and scales
+
+WIDE_IN, WIDE_HIDDEN, WIDE_OUT = 256, 64, 70
+COMPACT_DTYPES = ("int8", "int4")
+
+
+def make_wide_model() -> nn.Module:
+    """``0.weight`` is 64 x 256: a row holds whole blocks (256 int8, 2 x 128 int4), so its
+    block-wise moments are checkpointed compact on any number of ranks. ``2.weight`` is 70 x
+    64 (4480 elements, quantised): its rows split blocks, so it is checkpointed decoded."""
+    torch.manual_seed(1)
+    return nn.Sequential(
+        nn.Linear(WIDE_IN, WIDE_HIDDEN), nn.Tanh(), nn.Linear(WIDE_HIDDEN, WIDE_OUT)
+    )
+
+
+def wide_step(model: nn.Module, opt, step: int, rank: int = 0, world: int = 1) -> None:
+    g = torch.Generator().manual_seed(2000 + step)
+    x, y = torch.randn(BATCH, WIDE_IN, generator=g), torch.randn(BATCH, WIDE_OUT, generator=g)
+    rows = BATCH // world
+    opt.zero_grad(set_to_none=True)
+    sl = slice(rank * rows, (rank + 1) * rows)
+    nn.functional.mse_loss(model(x[sl]), y[sl]).backward()
+    opt.step()
+
+
+def fresh_wide(state_dtype):
+    model = make_wide_model()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(-0.5).add_(0.25)
+    model = fsdp2(model)
+    return model, make_adamkit(model.parameters(), state_dtype)
+
+
+def train_wide_single(state_dtype, steps: int) -> dict:
+    model = make_wide_model()
+    opt = make_adamkit(model.parameters(), state_dtype)
+    for s in range(steps):
+        wide_step(model, opt, s)
+    return snapshot(model, opt)
+
+
+def scenario_dcp_compact_save(outdir: Path, after: str) -> None:
+    """The wide model, int8 and int4 state: train RESUME_STEP steps, save, train ``after``
+    more; load into a fresh model and optimizer and train the same steps. Then two
+    checkpoints in the decoded form (``wide-torch``, ``wide-int8-decoded``)."""
+    rank, world = init()
+    results = {}
+    for state_dtype in COMPACT_DTYPES:
+        model = fsdp2(make_wide_model())
+        opt = make_adamkit(model.parameters(), state_dtype)
+        for s in range(RESUME_STEP):
+            wide_step(model, opt, s, rank, world)
+        save_checkpoint(model, opt, outdir / f"wide-{state_dtype}")
+        saved_local = local_state(model, opt)
+        results["saved", state_dtype] = snapshot(model, opt)
+        for s in range(RESUME_STEP, RESUME_STEP + int(after)):
+            wide_step(model, opt, s, rank, world)
+        results["uninterrupted", state_dtype] = snapshot(model, opt)
+
+        model, opt = fresh_wide(state_dtype)
+        load_checkpoint(model, opt, outdir / f"wide-{state_dtype}")
+        loaded_local = local_state(model, opt)
+        results["same-local-state", state_dtype] = sorted(saved_local) == sorted(
+            loaded_local
+        ) and all(torch.equal(saved_local[k], loaded_local[k]) for k in saved_local)
+        for s in range(RESUME_STEP, RESUME_STEP + int(after)):
+            wide_step(model, opt, s, rank, world)
+        results["resumed", state_dtype] = snapshot(model, opt)
+    # checkpoints in the decoded form: of torch.optim.AdamW, and of an adamkit int8 optimizer
+    # that presents everything decoded (as adamkit did before the compact form)
+    import adamkit.distributed
+
+    for name in ("torch", "int8-decoded"):
+        model = fsdp2(make_wide_model())
+        if name == "torch":
+            opt = torch.optim.AdamW(model.parameters(), **HPARAMS)
+        else:
+            opt = make_adamkit(model.parameters(), "int8")
+        for s in range(RESUME_STEP):
+            wide_step(model, opt, s, rank, world)
+        compact_layout = adamkit.distributed.compact_layout
+        adamkit.distributed.compact_layout = lambda param, codec: None
+        try:
+            save_checkpoint(model, opt, outdir / f"wide-{name}")
+        finally:
+            adamkit.distributed.compact_layout = compact_layout
+        results["saved", name] = snapshot(model, opt)
+    torch.save(results, outdir / f"dcp-compact-save-rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def load_with_planner(model: nn.Module, opt, path: Path, partial: bool = False) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    from adamkit.distributed import LoadPlanner
+
+    model_sd, optim_sd = get_state_dict(model, opt)
+    state = {"model": model_sd, "optim": optim_sd}
+    dcp.load(state, checkpoint_id=str(path), planner=LoadPlanner(allow_partial_load=partial))
+    set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+
+
+def scenario_dcp_compact_load(outdir: Path, ckpt_root: str, after: str) -> None:
+    """Load the checkpoints of :func:`scenario_dcp_compact_save` on this world size and train
+    the ``after`` steps that followed; then load the decoded-form checkpoints into int8
+    optimizers (DCP's default planner finds no codes in them, ``adamkit.distributed.
+    LoadPlanner`` loads the floats and the optimizer encodes them)."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    rank, world = init()
+    root, results = Path(ckpt_root), {}
+    for state_dtype in COMPACT_DTYPES:
+        model, opt = fresh_wide(state_dtype)
+        load_checkpoint(model, opt, root / f"wide-{state_dtype}")
+        results["loaded", state_dtype] = snapshot(model, opt)
+        results["local-keys", state_dtype] = sorted({k for _, k in local_state(model, opt)})
+        for s in range(RESUME_STEP, RESUME_STEP + int(after)):
+            wide_step(model, opt, s, rank, world)
+        results["trained", state_dtype] = snapshot(model, opt)
+    for name in ("int8-decoded", "torch"):  # the template asks for codes, the file has floats
+        model, opt = fresh_wide("int8")
+        partial = name == "torch"  # adamkit's group keys (state_dtype, ...) are not in it
+        try:
+            load_checkpoint(model, opt, root / f"wide-{name}", partial=partial)
+            results["default-planner", name] = snapshot(model, opt)
+        except CheckpointException as error:  # a BaseException: every rank raises it
+            results["default-planner", name] = str(error)
+        model, opt = fresh_wide("int8")
+        load_with_planner(model, opt, root / f"wide-{name}", partial=partial)
+        results["planner", name] = snapshot(model, opt)
+        results["planner-keys", name] = sorted({k for _, k in local_state(model, opt)})
+    torch.save(results, outdir / f"dcp-compact-load-rank{rank}.pt")
     dist.destroy_process_group()
 
 

@@ -56,7 +56,13 @@ def test_matches_torch(shape, dtype, hp, seed) -> None:
         p.grad, q.grad = g.clone(), g.clone()
         ours.step()
         theirs.step()
+    # bf16/fp16: both compute in fp32 and round once; with eps = 0 (a 0/0-prone corner torch
+    # fuses differently) the fp32 results can sit on either side of a rounding boundary, one
+    # ulp of the stored dtype apart (seen: fp16, lr 0.5, betas (0, 0.5), eps 0)
+    low_ulp = {torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}
     tol = {torch.float64: 1e-12}.get(dtype, 1e-6)
+    if hp["eps"] == 0.0:
+        tol = max(tol, low_ulp.get(dtype, 0.0))
     _assert_close_nan_aware(p, q, tol)
     for key, value in theirs.state[q].items():
         if key != "step":
@@ -64,10 +70,14 @@ def test_matches_torch(shape, dtype, hp, seed) -> None:
 
 
 def _assert_close_nan_aware(ours: torch.Tensor, theirs: torch.Tensor, tol: float) -> None:
-    """Same NaN pattern (eps = 0 with a zero gradient is 0/0 in torch too), close elsewhere."""
+    """Same NaN pattern (eps = 0 with a zero gradient is 0/0 in torch too), the same
+    infinities (an fp16 moment can overflow, in torch too), close elsewhere."""
     nan = torch.isnan(theirs)
     assert torch.equal(torch.isnan(ours), nan)
-    assert relative_error(ours[~nan], theirs[~nan]) <= tol
+    inf = torch.isinf(theirs)
+    assert torch.equal(torch.isinf(ours), inf) and torch.equal(ours[inf], theirs[inf])
+    finite = ~(nan | inf)
+    assert relative_error(ours[finite], theirs[finite]) <= tol
 
 
 @settings(max_examples=30, deadline=None)
@@ -82,9 +92,7 @@ def test_matches_float64_reference(shape, hp, scaling, seed) -> None:
     decoupled = hp.pop("decoupled_weight_decay")
     p0 = np.random.default_rng(seed).standard_normal(shape)
     p = torch.tensor(p0, requires_grad=True)
-    opt = adamkit.Adam(
-        [p], **hp, decoupled_weight_decay=decoupled, weight_decay_scaling=scaling
-    )
+    opt = adamkit.Adam([p], **hp, decoupled_weight_decay=decoupled, weight_decay_scaling=scaling)
     ref = ReferenceAdam(
         p0,
         lr=hp["lr"],

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
@@ -17,6 +18,7 @@ from torch.optim import Optimizer
 from adamkit.distributed import (
     adopt_sharded_state,
     decoded_sharded_state,
+    flatten_blocks,
     present_state_dict,
     start_sharded_running_max_,
 )
@@ -26,7 +28,7 @@ from adamkit.execution.eager import compute_dtype, run_eager
 from adamkit.hparams import scalar_dtype, validate_group
 from adamkit.rule import StepScalars, UpdateFlags, step_scalars
 from adamkit.storage.quantized import BlockwiseCodec
-from adamkit.storage.rounding import mix_key
+from adamkit.storage.rounding import KeySource
 from adamkit.storage.select import (
     DEFAULT_MIN_QUANTIZED_SIZE,
     MOMENT_KEYS,
@@ -128,8 +130,8 @@ class Adam(Optimizer):
             step) or ``"auto"`` (default: an uncompiled multi-tensor path that pools small
             tensors, switching to the compiled kernels once the time they would have saved
             exceeds what compiling costs). If compiling is impossible, adamkit warns once and
-            stays uncompiled. float64 and complex params, DTensors, stochastic rounding and
-            int8/int4 states always take the eager path.
+            stays uncompiled. Every ``state_dtype`` and stochastic rounding compile; float64
+            and complex params and DTensors take the eager path.
         capturable: keep ``state['step']`` on the param's device (float32, as torch's
             capturable Adam) and compute the bias corrections there (in float64), so that no
             step reads a value back to the host: the step can be captured in a CUDA graph or
@@ -312,6 +314,9 @@ class Adam(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        signals: dict[Tensor, Tensor] | None = None
+        if getattr(self, "fused_signals_request", False):  # a Monitor's sampled step
+            signals = self.fused_signal_sums = {}
         if self._amp_found_inf():
             return loss
         if self.skip_nonfinite and self._has_nonfinite_grad():
@@ -322,7 +327,7 @@ class Adam(Optimizer):
         offset = 0
         for group_index, group in enumerate(self.param_groups):
             if executor is not None:
-                self._step_group(executor, group_index, group, offset)
+                self._step_group(executor, group_index, group, offset, signals)
                 offset += len(group["params"])
                 continue
             params, grads, states, codecs = self._collect(group)
@@ -338,9 +343,7 @@ class Adam(Optimizer):
                     codecs,
                     self._scalars_fn(group),
                     self._flags(group),
-                    rng_keys=lambda i, step, index=index: mix_key(
-                        self.seed, index[i], int(step), 0
-                    ),
+                    rng_keys=KeySource(self.seed, np.asarray(index, dtype=np.int64)),
                     stochastic_param=group["stochastic_rounding"],
                 )
             offset += len(group["params"])
@@ -360,11 +363,16 @@ class Adam(Optimizer):
         return self._executor
 
     def _step_group(
-        self, executor: CompiledExecutor, index: int, group: dict[str, Any], offset: int
+        self,
+        executor: CompiledExecutor,
+        index: int,
+        group: dict[str, Any],
+        offset: int,
+        signals: dict[Tensor, Tensor] | None = None,
     ) -> None:
-        def rng_keys(params: list[Tensor]) -> Callable[[int, float], int]:
+        def rng_keys(params: list[Tensor]) -> KeySource:
             position = self._param_index(group, params, offset)
-            return lambda i, step: mix_key(self.seed, position[i], int(step), 0)
+            return KeySource(self.seed, np.asarray(position, dtype=np.int64))
 
         executor.step_group(
             index,
@@ -375,7 +383,14 @@ class Adam(Optimizer):
             self._flags(group),
             rng_keys,
             self._device_scalars_fn(group) if group["capturable"] else None,
+            signals,
         )
+
+    @property
+    def supports_fused_signals(self) -> bool:
+        """Whether a Monitor's sampled step gets exact signal sums from the compiled kernels
+        (``fused_signal_sums``, by param; see :mod:`adamkit.diagnostics.monitor`)."""
+        return getattr(self, "backend", "auto") != "eager"
 
     @staticmethod
     def _device_scalars_fn(group: dict[str, Any]) -> Callable[[Tensor], StepScalars]:
@@ -469,9 +484,10 @@ class Adam(Optimizer):
         return out
 
     def state_dict(self) -> dict[str, Any]:
-        """torch's state_dict. Block-wise moments of DTensor (FSDP2) params appear decoded, as
-        fp32 DTensors in torch's layout, so that torch.distributed.checkpoint saves and
-        reshards them (see :mod:`adamkit.distributed`); everything else is as stored."""
+        """torch's state_dict. Block-wise moments of DTensor (FSDP2) params appear as DTensors
+        that torch.distributed.checkpoint saves and reshards: compact codes and scales laid out
+        like the param where its rows are whole blocks, else decoded to fp32 in torch's layout
+        (see :mod:`adamkit.distributed`); everything else is as stored."""
         return present_state_dict(self, super().state_dict())
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -503,6 +519,7 @@ class Adam(Optimizer):
         if is_dtensor(param):
             adopt_sharded_state(self, param, saved)
             return
+        saved = flatten_blocks(saved)  # a gathered compact checkpoint holds them row-shaped
         codec, _ = self.codec_for(param)
         state = self.state[param]
         real = torch.view_as_real(param) if param.is_complex() else param

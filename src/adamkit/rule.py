@@ -80,9 +80,7 @@ class Update(NamedTuple):
     max_exp_avg_sq: Tensor | None
 
 
-def decay_coefficient(
-    scaling: str, lr: Scalar, initial_lr: Scalar, weight_decay: Scalar
-) -> Scalar:
+def decay_coefficient(scaling: str, lr: Scalar, initial_lr: Scalar, weight_decay: Scalar) -> Scalar:
     """Fraction of the param removed by decoupled weight decay in one step.
 
     ``"lr"``: lr * wd; ``"lr_ratio"``: (lr / initial_lr) * wd (0 when initial_lr is 0);

@@ -20,11 +20,14 @@ project's 2-core CPU (torch 2.13; docs/backends.md has the numbers) decided the 
   stays a 0-d float tensor), so advancing them is one op; with ``capturable`` the buffer and
   the tables live on the device and a step reads nothing back to the host.
 
-The compiled path takes fp32/bf16/fp16 params with moments kept by the float codec with
-round-to-nearest (``state_dtype`` None or ``"float32"``); float64 and complex params,
-DTensors, stochastic rounding, int8/int4 states and non-contiguous params take the eager path,
-per param. The traced function already calls the codec's ``decode``/``encode_``, so other
-codecs can be traced into the same kernels once their state can be passed per chunk slot.
+The compiled path takes fp32/bf16/fp16 params with every storage format (float moments of
+any dtype, int8/int4 block-wise codes) and stochastic rounding of params or moments: the traced
+function calls the codec's ``decode``/``encode_`` around the one update rule, and the random
+streams are keyed per tensor from an int64 table filled each step (the same numbers as the
+eager path draws). A block-wise param that is no whole number of blocks is stepped as two
+slots: its whole blocks in place, and its last partial block in a zero-padded staging block
+(:mod:`adamkit.execution.plan`). float64 and complex params, DTensors and non-contiguous params
+take the eager path, per param.
 
 ``backend="auto"`` (:class:`AutoPolicy`) runs the uncompiled multi-tensor path until compiling
 is expected to have paid for itself. If compiling fails (no C++ compiler, an unsupported device
@@ -48,6 +51,7 @@ from adamkit.execution.kernels import (
     CompileUnavailable,
     Kernel,
     KernelSpec,
+    block_of,
     compile_stats,
     compiled_kinds,
     get_kernel,
@@ -57,6 +61,8 @@ from adamkit.execution.kernels import (
 from adamkit.execution.multi_tensor import run_multi_tensor
 from adamkit.execution.plan import GroupPlan, compiled_eligible
 from adamkit.rule import StepScalars, UpdateFlags
+from adamkit.storage.rounding import KeySource
+from adamkit.storage.shards import local_grad
 
 # ------------------------------------------------------------------------------------------------
 # the executor
@@ -95,13 +101,16 @@ class CompiledExecutor:
         prepare: Callable[[list[Tensor]], tuple[list[dict], list]],
         scalars_for_step: Callable[[float], StepScalars],
         flags: UpdateFlags,
-        rng_keys: Callable[[list[Tensor]], Callable[[int, float], int]],
+        rng_keys: Callable[[list[Tensor]], KeySource],
         device_scalars: Callable[[Tensor], StepScalars] | None = None,
+        signals: dict[Tensor, Tensor] | None = None,
     ) -> None:
         """Step one group. ``prepare(params)`` returns their (initialised) states and codecs.
 
         ``device_scalars`` (capturable groups) maps step tensors to StepScalars on the device;
-        then no value is read back to the host.
+        then no value is read back to the host. ``signals``: a dict to fill with the fused
+        signal sums (:func:`adamkit.diagnostics.signals.fused_sums`) of every param the
+        compiled kernels step, by param (the Monitor's sampled steps).
         """
         params_all = group["params"]
         mask = tuple(g is not None for g in grads_all)
@@ -116,6 +125,8 @@ class CompiledExecutor:
             if kinds is None or kinds[0] != mask or kinds[1] != flags:
                 kinds = (mask, flags, _kinds(params, codecs, stochastic))
                 self._kinds[index] = kinds
+                if any(block_of(kind[2]) for kind in kinds[2]):
+                    self.policy.compile_seconds = AutoPolicy.BLOCKWISE_COMPILE_SECONDS
             if _kernels_ready(kinds[2], flags):
                 self.policy.compile_now = True  # nothing left to pay for
                 return self.step_group(
@@ -127,6 +138,7 @@ class CompiledExecutor:
                     flags,
                     rng_keys,
                     device_scalars,
+                    signals,
                 )
             start = time.perf_counter()
             if device_scalars is not None:
@@ -156,40 +168,81 @@ class CompiledExecutor:
         if stale or not _dense_grads_(plan, grads):
             params = [p for p, m in zip(params_all, mask) if m]
             states, codecs = prepare(params)
-            plan = GroupPlan(mask, params, states, codecs, flags, stochastic, grads, device_scalars)
+            plan = GroupPlan(
+                mask,
+                params,
+                states,
+                codecs,
+                flags,
+                stochastic,
+                grads,
+                device_scalars,
+                rng_keys(params),
+            )
             self._plans[index] = plan
             if plan.compile_error is not None:
                 self._warn_once(plan.compile_error)
             _dense_grads_(plan, grads)  # the kernels need contiguous grads
         if device_scalars is not None:
             plan.device_scalars = device_scalars  # the group's current hyperparameters
-        self._run(plan, grads, scalars_for_step, rng_keys)
+        betas = None
+        if signals is not None and device_scalars is None:
+            betas = tuple(float(b) for b in group["betas"])
+        sums = self._run(plan, grads, scalars_for_step, betas)
+        if signals is not None:
+            signals.update({plan.params[i]: row for i, row in sums.items()})
 
-    def _run(self, plan: GroupPlan, grads: list[Tensor], scalars_for_step, rng_keys) -> None:
+    def _run(
+        self, plan: GroupPlan, grads: list[Tensor], scalars_for_step, betas=None
+    ) -> dict[int, Tensor]:
+        """Step the plan; with ``betas`` through the signals kernels, returning each param's
+        fused signal sums by plan index (empty otherwise)."""
         steps, common = plan.advance_steps()
         cache = plan.fill_tables(steps, common, scalars_for_step)
+        if steps is not None:
+            plan.fill_random(steps)
         rest = plan.eager + plan.failed
         calls = plan.calls
+        outputs: list = []
+        if betas is not None and calls:
+            try:
+                calls = plan.signal_calls()
+                plan.fill_corrections(steps, betas)
+            except CompileUnavailable:
+                calls, betas = plan.calls, None  # no sums: the Monitor measures itself
+        plan.stage_in(grads)
         for k, call in enumerate(calls):
             args = call.args
-            for pos, i in call.grad_slots:
-                args[pos] = grads[i]
+            for pos, i, numel in call.grad_slots:
+                g = grads[i]
+                if type(g) is not Tensor:
+                    g = local_grad(plan.params[i], g)  # FSDP2: the local shard
+                g = g if g.dim() == 1 else g.view(-1)  # 1-d: see kernels.Kernel.arguments
+                args[pos] = g if numel is None else g.narrow(0, 0, numel)
             try:
-                call.kernel.fn(*args)
+                out = call.kernel.fn(*args)
+                if betas is not None:
+                    outputs.append((call, out[0]))
             except Exception as err:  # noqa: BLE001 - never end a training run here
-                rest = rest + [i for c in calls[k:] for i in c.members]
+                # Params whose slots did not all run are stepped uncompiled. (A param whose
+                # whole blocks ran in an earlier call and whose last block did not cannot be
+                # undone; kernels are self-tested when compiled, so this is a last resort.)
+                done = {i for c in calls[:k] for i in c.members}
+                pending = {i for c in calls[k:] for i in c.members}
+                rest = rest + sorted(pending - done)
                 self._give_up(plan, call.kernel, err)
                 break
             finally:
-                for pos, _ in call.grad_slots:
+                for pos, _, _ in call.grad_slots:
                     args[pos] = None  # do not keep the grads alive
+        plan.stage_out()
         if rest and plan.device_scalars is not None:
             for i in rest:
                 state = plan.states[i]
                 scalars = plan.device_scalars(state["step"])
                 update_param_(plan.params[i], grads[i], state, scalars, plan.flags, plan.codecs[i])
         elif rest:
-            keys = rng_keys(plan.params)
+            keys = plan.keys
             for i in rest:
                 step = steps[i]
                 if step not in cache:
@@ -204,11 +257,15 @@ class CompiledExecutor:
                     rng_key=keys(i, step),
                     stochastic_param=plan.stochastic_param,
                 )
+        if betas is None:
+            return {}
+        uncompiled = set(rest)
+        return {i: row for i, row in plan.collect_sums(outputs).items() if i not in uncompiled}
 
     def _give_up(self, plan: GroupPlan, kernel: Kernel, err: Exception) -> None:
         """A kernel failed at run time: this plan and later ones step its params uncompiled."""
         failure = mark_failed(kernel.spec, err)
-        plan.failed = plan.failed + [i for c in plan.calls for i in c.members]
+        plan.failed = plan.failed + sorted({i for c in plan.calls for i in c.members})
         plan.buckets = []
         plan.calls = []
         plan.compile_error = failure
@@ -266,6 +323,7 @@ class AutoPolicy:
     """
 
     COMPILE_SECONDS = 10.0
+    BLOCKWISE_COMPILE_SECONDS = 30.0  # int8/int4 kernels (reductions per block) compile longer
     COMPILED_RATE = {"cpu": 1.0e9, "cuda": 5.0e10}  # params per second, conservative
     UNCOMPILED_RATE = {"cpu": 2.5e8, "cuda": 5.0e9}
     PER_TENSOR_SECONDS = {"cpu": 5e-5, "cuda": 1e-4}
@@ -273,6 +331,7 @@ class AutoPolicy:
     def __init__(self) -> None:
         self.saved = 0.0
         self.compile_now = False
+        self.compile_seconds = self.COMPILE_SECONDS
 
     def observe(self, params: Sequence[Tensor], seconds: float) -> None:
         if self.compile_now or not params:
@@ -285,7 +344,7 @@ class AutoPolicy:
             )
         compiled = numel / self.COMPILED_RATE.get(device, 5e10) + len(params) * 1e-6
         self.saved += max(0.0, seconds - compiled)
-        if self.saved >= self.COMPILE_SECONDS:
+        if self.saved >= self.compile_seconds:
             self.compile_now = True
 
 

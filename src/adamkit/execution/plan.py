@@ -18,9 +18,11 @@ non-contiguous grads are copied to contiguous ones. Anything else takes the eage
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -30,11 +32,16 @@ from adamkit.execution.kernels import (
     CompileUnavailable,
     Kernel,
     KernelSpec,
+    block_of,
     dummy_inputs,
     get_kernel,
 )
-from adamkit.execution.multi_tensor import moment_keys, plain_float_codec
+from adamkit.execution.multi_tensor import moment_keys
 from adamkit.rule import StepScalars, UpdateFlags
+from adamkit.storage.float import FloatCodec
+from adamkit.storage.quantized import BlockwiseCodec
+from adamkit.storage.rounding import KeySource
+from adamkit.storage.shards import is_dtensor, local, local_grad, shard_start
 
 MIXED_WIDTH = 8
 """Tensors per mixed chunk (one parallel loop each). Compile time grows with it."""
@@ -59,24 +66,66 @@ MIN_NUMEL = 2
 
 
 def compiled_eligible(param: Tensor, codec, stochastic_param: bool) -> bool:
-    """Whether ``param`` can be stepped by a compiled kernel (else: eager, per param)."""
+    """Whether ``param`` can be stepped by a compiled kernel (else: eager, per param).
+
+    Every storage format compiles (float moments with or without stochastic rounding, int8 and
+    int4 codes); ``stochastic_param`` is part of the kernel's spec.
+    """
+    if is_dtensor(param):  # FSDP2: the local shard, if it is a contiguous range of the param
+        if not isinstance(shard_start(param), int):
+            return False
+        param = local(param)
     return (
         type(param) in (torch.Tensor, torch.nn.Parameter)
         and param.dtype in _COMPILE_FLOATS
         and param.layout == torch.strided
         and param.is_contiguous()
         and param.numel() >= MIN_NUMEL
-        and plain_float_codec(codec)
-        and not (stochastic_param and param.dtype != torch.float32)
+        and isinstance(codec, (FloatCodec, BlockwiseCodec))
     )
+
+
+def needs_random(spec: KernelSpec) -> bool:
+    """Whether ``spec``'s kernel draws random numbers (stochastic rounding somewhere)."""
+    codec = spec.codec
+    if isinstance(codec, BlockwiseCodec):
+        return True
+    narrow_state = codec.stochastic and spec.stored_dtype != torch.float32
+    return narrow_state or (spec.stochastic_param and spec.param_dtype != torch.float32)
+
+
+@dataclass
+class _Slot:
+    """What one kernel slot steps: a param, its whole blocks, or its last partial block."""
+
+    index: int  # plan index of the param
+    param: Tensor  # the param, a view of its whole blocks, or a staging block
+    state: dict[str, Tensor]  # the moments' tensors (or views of them) for this slot
+    numel: int
+    start: int  # index of the slot's first element in the param (random streams)
+    valid: int  # elements that are the param's (the rest of a staging block is padding)
+    grad_numel: int | None  # the grad's leading elements to pass; None: the whole grad (1-d)
+    staged: tuple[int, int] | None  # (offset, length) of a tail copied through staging
 
 
 @dataclass
 class _Call:
     kernel: Kernel
     args: list
-    grad_slots: list[tuple[int, int]]  # (position in args, index of the param in the plan)
-    members: list[int]  # indices of the params in the plan
+    grad_slots: list[tuple[int, int, int | None]]  # (position in args, plan index, numel)
+    members: list[int]  # indices of the params in the plan, slot by slot
+    inputs: dict  # the traced function's inputs (to build the signals variant of the call)
+    slots: list  # the _Slot of each member
+
+    @staticmethod
+    def build(kernel: Kernel, inputs: dict, chunk: list) -> _Call:
+        args, positions = kernel.arguments(inputs)
+        grad_slots = [
+            (pos, chunk[k].index, chunk[k].grad_numel)
+            for pos, k in positions
+            if k < len(chunk) and chunk[k].staged is None
+        ]
+        return _Call(kernel, args, grad_slots, [slot.index for slot in chunk], inputs, chunk)
 
 
 @dataclass
@@ -88,6 +137,9 @@ class _Bucket:
     rows: list[int]  # the table row of each member
     table: Tensor  # [len(members) (+ padding), NUM_SCALARS] float32 on device
     calls: list[_Call]
+    corrections: Tensor  # [rows, 2] float32: bias corrections (signals kernels only)
+    ints: Tensor  # [rows, 3] int64 on device: (key, start, valid) of each row (kernel slot)
+    random: bool  # whether the kernels read ``rng`` (stochastic rounding)
     members_t: Tensor | None = None  # capturable: the same indices as device tensors
     rows_t: Tensor | None = None
 
@@ -113,8 +165,10 @@ class GroupPlan:
         stochastic_param: bool,
         grads: list[Tensor],
         device_scalars: Callable[[Tensor], StepScalars] | None = None,
+        keys: KeySource | None = None,
     ) -> None:
         self.mask = mask
+        self.keys = keys
         self.device_scalars = device_scalars
         self.params = params
         self.states = states
@@ -136,15 +190,24 @@ class GroupPlan:
             else:
                 self.eager.append(i)
         self.buckets: list[_Bucket] = []
+        self.param_tails: list[Tensor] = []
+        self.param_stages: list[Tensor] = []
+        self.grad_stages: list[Tensor] = []
+        self.grad_tails: list[tuple[int, int, int]] = []
         self.failed: list[int] = []
         self.compile_error: CompileUnavailable | None = None
         for (device, dtype, codec, stored), members in groups.items():
+            staged = len(self.param_tails)
             try:
                 self.buckets.append(self._bucket(device, dtype, codec, stored, members))
             except CompileUnavailable as err:
+                for stages in (self.param_tails, self.param_stages, self.grad_stages):
+                    del stages[staged:]
+                del self.grad_tails[staged:]
                 self.compile_error = err
                 self.failed.extend(members)
         self.calls = [call for bucket in self.buckets for call in bucket.calls]
+        self._signal_calls: list[_Call] | None = None
 
     def _bind_steps(self) -> None:
         """Move the params' step counters into one buffer; state['step'] become its views."""
@@ -165,19 +228,49 @@ class GroupPlan:
         for i, state in enumerate(self.states):
             state["step"] = self.steps[i]
 
+    def _slots(self, i: int, codec) -> list[_Slot]:
+        """The kernel slots of param ``i``: the param itself, or for a block-wise codec and a
+        size that is no whole number of blocks, its whole blocks (views) and its last, partial
+        block (stepped in a zero-padded staging block, copied in and out around the kernels)."""
+        # 1-d views throughout: the kernels read sizes that are no graph input as size(0)
+        param = local(self.params[i]).view(-1)
+        base = shard_start(self.params[i]) if is_dtensor(self.params[i]) else 0
+        state = {name: t.view(-1) for name, t in self._moments(i).items()}
+        n = param.numel()
+        block = block_of(codec)
+        if not block or n % block == 0:
+            return [_Slot(i, param, state, n, base, n, None, None)]
+        main = n - n % block
+        blocks = main // block
+        per_block = {name: t.numel() // (blocks + 1) for name, t in state.items()}  # codes, scales
+        slots = []
+        if main:
+            views = {name: t.narrow(0, 0, blocks * per_block[name]) for name, t in state.items()}
+            flat = param.narrow(0, 0, main)
+            slots.append(_Slot(i, flat, views, main, base, main, main, None))
+        last = {
+            name: t.narrow(0, blocks * per_block[name], per_block[name])
+            for name, t in state.items()
+        }
+        staging = torch.zeros(block, dtype=param.dtype, device=param.device)
+        tail = _Slot(i, staging, last, block, base + main, n - main, None, (main, n - main))
+        slots.append(tail)
+        return slots
+
     def _bucket(self, device, dtype, codec, stored, members: list[int]) -> _Bucket:
-        by_size: dict[int, list[int]] = {}
-        small: list[int] = []
+        by_size: dict[int, list[_Slot]] = {}
+        small: list[_Slot] = []
         for i in members:
-            n = self.params[i].numel()
-            if n < SMALL_NUMEL:
-                small.append(i)
-            elif n <= UNIFORM_MAX_NUMEL:
-                by_size.setdefault(n, []).append(i)
-            else:
-                by_size.setdefault(-i - 1, []).append(i)  # a size of its own: a mixed chunk
-        chunks: list[tuple[list[int], str]] = []
-        mixed: list[int] = []
+            for slot in self._slots(i, codec):
+                n = slot.numel
+                if n < SMALL_NUMEL:
+                    small.append(slot)
+                elif n <= UNIFORM_MAX_NUMEL:
+                    by_size.setdefault(n, []).append(slot)
+                else:
+                    by_size.setdefault(-len(by_size) - 1, []).append(slot)  # a mixed chunk
+        chunks: list[tuple[list[_Slot], str]] = []
+        mixed: list[_Slot] = []
         for same in by_size.values():
             full = len(same) - len(same) % UNIFORM_WIDTH
             chunks += [
@@ -189,18 +282,31 @@ class GroupPlan:
         widths = {"uniform": UNIFORM_WIDTH, "mixed": MIXED_WIDTH, "small": SMALL_WIDTH}
         rows = sum(widths[layout] for _, layout in chunks)
         table = torch.zeros(rows, _NUM_SCALARS, dtype=torch.float32, device=device)
+        ints = torch.zeros(rows, 3, dtype=torch.int64, device=device)
+        corrections = torch.ones(rows, 2, dtype=torch.float32, device=device)
+        random = False
         calls: list[_Call] = []
-        member_rows: list[int] = []
+        slot_rows: list[int] = []
+        slot_members: list[int] = []
         row = 0
         for chunk, layout in chunks:
             width = widths[layout]
-            spec = KernelSpec(device.type, dtype, codec, stored, self.flags, width, layout)
+            sr = self.stochastic_param and dtype != torch.float32
+            spec = KernelSpec(device.type, dtype, codec, stored, self.flags, width, layout, sr)
+            random = random or needs_random(spec)
             kernel = get_kernel(spec, device)
-            params = [self.params[i] for i in chunk]
-            states = [self._moments(i) for i in chunk]
-            grads = list(params)  # stand-ins with the right sizes; replaced every step
-            for slot in range(len(chunk), width):
-                dummy = dummy_inputs(spec, device, slot)
+            params = [slot.param for slot in chunk]
+            states = [slot.state for slot in chunk]
+            grads = [slot.param for slot in chunk]  # stand-ins of the right sizes
+            for k, slot in enumerate(chunk):
+                ints[row + k, 1] = slot.start
+                ints[row + k, 2] = slot.valid
+                if slot.staged is not None:
+                    stage = torch.zeros_like(slot.param)
+                    grads[k] = stage
+                    self._stage(slot, stage)
+            for slot_index in range(len(chunk), width):
+                dummy = dummy_inputs(spec, device, slot_index)
                 params.append(dummy["param"])
                 grads.append(dummy["grad"])
                 states.append(dummy["state"])
@@ -209,13 +315,39 @@ class GroupPlan:
                 "grads": grads,
                 "states": states,
                 "scalars": table[row : row + width],
+                "ints": ints[row : row + width],
+                "corrections": corrections[row : row + width],
             }
-            args, slots = kernel.arguments(inputs)
-            grad_slots = [(pos, chunk[k]) for pos, k in slots if k < len(chunk)]
-            calls.append(_Call(kernel, args, grad_slots, chunk))
-            member_rows += range(row, row + len(chunk))
+            calls.append(_Call.build(kernel, inputs, chunk))
+            slot_rows += range(row, row + len(chunk))
+            slot_members += [slot.index for slot in chunk]
             row += width
-        return _Bucket(device, [i for chunk, _ in chunks for i in chunk], member_rows, table, calls)
+        return _Bucket(device, slot_members, slot_rows, table, calls, corrections, ints, random)
+
+    def _stage(self, slot: _Slot, grad_stage: Tensor) -> None:
+        """Register the copies of a tail slot: param tail in and out, grad tail in."""
+        offset, length = slot.staged
+        param_tail = local(self.params[slot.index]).view(-1).narrow(0, offset, length)
+        self.param_tails.append(param_tail)
+        self.param_stages.append(slot.param.narrow(0, 0, length))
+        self.grad_stages.append(grad_stage.narrow(0, 0, length))
+        self.grad_tails.append((slot.index, offset, length))
+
+    def stage_in(self, grads: list[Tensor]) -> None:
+        """Copy the params' and grads' partial last blocks into their staging blocks."""
+        if not self.param_tails:
+            return
+        tails = [
+            local_grad(self.params[i], grads[i]).view(-1).narrow(0, offset, n)
+            for i, offset, n in self.grad_tails
+        ]
+        torch._foreach_copy_(self.grad_stages, tails)
+        torch._foreach_copy_(self.param_stages, self.param_tails)
+
+    def stage_out(self) -> None:
+        """Copy the stepped partial last blocks back into the params."""
+        if self.param_tails:
+            torch._foreach_copy_(self.param_tails, self.param_stages)
 
     def _fill_tables_on_device(self) -> None:
         if not self.buckets:
@@ -235,18 +367,28 @@ class GroupPlan:
             bucket.table[bucket.rows_t] = full[bucket.members_t].to(bucket.device)
 
     def _moments_fit(self, i: int) -> bool:
-        """The stored moments are plain contiguous tensors of the param's size."""
-        n = self.params[i].numel()
-        state = self.states[i]
-        keys = moment_keys(self.flags)
-        return all(
-            isinstance(state.get(k), Tensor) and state[k].is_contiguous() and state[k].numel() == n
-            for k in keys
-        )
+        """The stored moments are plain contiguous tensors of the sizes the codec allocates."""
+        param, state, codec = local(self.params[i]), self.states[i], self.codecs[i]
+        for key in moment_keys(self.flags):
+            fresh = codec.allocate(torch.empty(param.shape, dtype=param.dtype, device="meta"), key)
+            for name, like in fresh.items():
+                have = local(state.get(name))
+                if not (
+                    type(have) is Tensor
+                    and have.is_contiguous()
+                    and have.numel() == like.numel()
+                    and have.dtype == like.dtype
+                ):
+                    return False
+        return True
 
     def _moments(self, i: int) -> dict[str, Tensor]:
-        state = self.states[i]
-        return {key: state[key] for key in moment_keys(self.flags)}
+        state, codec = self.states[i], self.codecs[i]
+        return {
+            name: local(state[name])
+            for key in moment_keys(self.flags)
+            for name in codec.state_keys(key)
+        }
 
     # --------------------------------------------------------------------------------------------
 
@@ -270,6 +412,49 @@ class GroupPlan:
             out.append(float(state["step"]))
         common = out[0] if all(s == out[0] for s in out) else None
         return out, common
+
+    def signal_calls(self) -> list[_Call]:
+        """The plan's calls with kernels that also return the slots' fused signal sums
+        (compiled on first use; built once per plan)."""
+        if self._signal_calls is None:
+            built = []
+            for call in self.calls:
+                spec = dataclasses.replace(call.kernel.spec, signals=True)
+                kernel = get_kernel(spec, call.inputs["params"][0].device)
+                built.append(_Call.build(kernel, call.inputs, call.slots))
+            self._signal_calls = built
+        return self._signal_calls
+
+    def fill_corrections(self, steps: list[float], betas: tuple[float, float]) -> None:
+        """Write (1 - beta1^t, 1 - beta2^t) of every slot into the buckets' tables."""
+        beta1, beta2 = betas
+        for bucket in self.buckets:
+            t = torch.tensor([steps[i] for i in bucket.members], dtype=torch.float64)
+            values = torch.stack([1 - beta1**t, 1 - beta2**t], dim=1).to(torch.float32)
+            bucket.corrections[bucket.rows] = values.to(bucket.device)
+
+    def collect_sums(self, outputs: list[tuple[_Call, Tensor]]) -> dict[int, Tensor]:
+        """Per param (plan index), its slots' signal sums added up."""
+        sums: dict[int, Tensor] = {}
+        for call, table in outputs:
+            for k, i in enumerate(call.members):
+                sums[i] = table[k] if i not in sums else sums[i] + table[k]
+        return sums
+
+    def fill_random(self, steps: list[float]) -> None:
+        """Write this step's random-stream key of every tensor into the buckets' rng tables."""
+        if not any(bucket.random for bucket in self.buckets):
+            return
+        if self.keys is None:
+            raise CompileUnavailable("stochastic rounding needs the optimizer's random keys")
+        all_steps = np.asarray(steps, dtype=np.int64)
+        for bucket in self.buckets:
+            if not bucket.random:
+                continue
+            members = np.asarray(bucket.members, dtype=np.int64)
+            column = np.zeros(bucket.ints.shape[0], dtype=np.int64)
+            column[bucket.rows] = self.keys.many(members, all_steps[members])
+            bucket.ints[:, 0].copy_(torch.from_numpy(column))
 
     def fill_tables(
         self, steps: list[float], uniform_step: float | None, scalars_for_step

@@ -40,12 +40,10 @@ def code_bytes(n: int, block: int, bits: int) -> int:
     return num_blocks(n, block) * block * bits // 8
 
 
-def _pad_to_blocks(x: Tensor, block: int) -> Tensor:
-    n = x.shape[0]
-    pad = num_blocks(n, block) * block - n
-    if pad:
-        x = torch.cat([x, x.new_zeros(pad)])
-    return x.view(-1, block)
+def _pad_to_blocks(x: Tensor, block: int, blocks: int) -> Tensor:
+    """``x`` zero-padded to ``blocks`` rows of ``block`` (no branch on the sizes: traceable
+    with dynamic sizes)."""
+    return torch.nn.functional.pad(x, (0, blocks * block - x.shape[0])).view(blocks, block)
 
 
 def pack4(codes: Tensor) -> Tensor:
@@ -90,7 +88,10 @@ def _stochastic_level(
     v_lo, v_hi = value_of(lo), value_of(hi)
     gap = v_hi - v_lo
     p_up = torch.where(gap > 0, ((magnitude - v_lo) / gap).clamp(0.0, 1.0), 0.0)
-    return torch.where(noise < p_up, hi, lo)
+    # 1 where noise < p_up, else 0, in float arithmetic: a boolean here makes inductor store
+    # a byte mask one element at a time (measured: most of the compiled kernel's time).
+    up = (p_up - noise).sign().clamp_min(0.0)
+    return lo + (hi - lo) * up
 
 
 def quantize(
@@ -101,16 +102,19 @@ def quantize(
     signed: bool,
     power: float,
     noise: Tensor | None = None,
+    blocks: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Codes (uint8, packed for 4 bits) and per-block fp32 absmax scales of flat ``x``.
 
     With ``noise`` (uniform [0, 1), ``x``'s length) the rounding is stochastic and unbiased.
+    ``blocks`` (default: as few as hold ``x``) is the number of blocks to produce.
     """
-    blocks = _pad_to_blocks(x.float(), block)
+    count = num_blocks(x.shape[0], block) if blocks is None else blocks
+    blocks = _pad_to_blocks(x.float(), block, count)
     absmax = blocks.abs().amax(dim=1)
     safe = torch.where(absmax > 0, absmax, torch.ones_like(absmax))
     normed = (blocks / safe[:, None]).clamp(-1.0, 1.0)
-    u = None if noise is None else _pad_to_blocks(noise, block)
+    u = None if noise is None else _pad_to_blocks(noise, block, count)
     if signed:
         q_max = 2 ** (bits - 1) - 1
         mag = normed.abs()
@@ -153,7 +157,7 @@ def dequantize(
     """The flat fp32 tensor of ``n`` elements that ``codes`` and ``absmax`` stand for."""
     if bits == 4:
         codes = unpack4(codes)
-    c = codes.view(-1, block).float()
+    c = codes.view(absmax.shape[0], block).float()
     if signed:
         q_max = 2 ** (bits - 1) - 1
         y = (c - q_max) / q_max
@@ -161,4 +165,4 @@ def dequantize(
     else:
         q_max = 2**bits - 1
         x = _power((c + 1) / (q_max + 1), power)
-    return (x * absmax[:, None]).view(-1)[:n]
+    return (x * absmax[:, None]).view(-1).narrow(0, 0, n)  # narrow: a size of exactly n

@@ -44,6 +44,10 @@ class BlockwiseCodec:
         power = self.power_signed if signed else self.power_unsigned
         return {"block": self.block, "bits": self.bits, "signed": signed, "power": power}
 
+    def stored_dtype(self, param: Tensor) -> torch.dtype:
+        """The dtype of the codes (the block scales are float32)."""
+        return torch.uint8
+
     def state_keys(self, key: str) -> tuple[str, ...]:
         return (f"{key}_codes", f"{key}_absmax")
 
@@ -74,8 +78,9 @@ class BlockwiseCodec:
         """
         flat = value.reshape(-1)
         noise = stream_uniform(flat, rng_key, key)
-        codes, absmax = blockwise.quantize(flat, noise=noise, **self._kw(key))
         codes_key, absmax_key = self.state_keys(key)
+        blocks = state[absmax_key].shape[0]
+        codes, absmax = blockwise.quantize(flat, noise=noise, blocks=blocks, **self._kw(key))
         state[codes_key].copy_(codes)
         state[absmax_key].copy_(absmax)
 

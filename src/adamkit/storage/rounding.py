@@ -14,22 +14,53 @@ round-to-nearest would drop (below about 0.4% of the weight in bf16) survive in 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import NamedTuple
 
+import numpy as np
 import torch
 from torch import Tensor
 
 _MASK32 = 0xFFFFFFFF
 
 
-def mix_key(seed: int, param_index: int, step: int, stream: int) -> int:
-    """A 32-bit key for one (seed, param, step, stream) draw (splitmix-style, in Python ints)."""
-    z = (seed * 0x9E3779B97F4A7C15 + param_index * 0xBF58476D1CE4E5B9) & (2**64 - 1)
-    z = (z + step * 0x94D049BB133111EB + stream * 0xD6E8FEB86659FD93) & (2**64 - 1)
-    z ^= z >> 31
-    z = (z * 0xBF58476D1CE4E5B9) & (2**64 - 1)
-    z ^= z >> 29
-    return int(z & _MASK32)
+def mix_keys(seed: int, param_index: np.ndarray, step: np.ndarray) -> np.ndarray:
+    """32-bit keys (int64) of (seed, param, step) draws: splitmix-style, modulo 2^64.
+
+    Vectorised over ``param_index`` and ``step`` (integer arrays of one shape), so that the
+    compiled executor derives the keys of a whole plan in a few array operations.
+    """
+    u64 = np.uint64
+    index = np.asarray(param_index).astype(u64)
+    steps = np.asarray(step).astype(u64)
+    seeds = np.full(index.shape, seed & (2**64 - 1), dtype=u64)  # arrays wrap silently
+    z = seeds * u64(0x9E3779B97F4A7C15) + index * u64(0xBF58476D1CE4E5B9)
+    z = z + steps * u64(0x94D049BB133111EB)
+    z ^= z >> u64(31)
+    z = z * u64(0xBF58476D1CE4E5B9)
+    z ^= z >> u64(29)
+    return (z & u64(_MASK32)).astype(np.int64)
+
+
+def mix_key(seed: int, param_index: int, step: int) -> int:
+    """The key of one (seed, param, step) draw (see :func:`mix_keys`)."""
+    return int(mix_keys(seed, np.array([param_index]), np.array([step]))[0])
+
+
+@dataclass(frozen=True)
+class KeySource:
+    """Random-stream keys of a list of params: ``positions[i]`` is param i's index in the
+    optimizer (its identity for the random streams), ``seed`` the optimizer's seed."""
+
+    seed: int
+    positions: np.ndarray
+
+    def __call__(self, i: int, step: float) -> int:
+        return mix_key(self.seed, int(self.positions[i]), int(step))
+
+    def many(self, members: np.ndarray, steps: np.ndarray) -> np.ndarray:
+        """Keys of params ``members`` at ``steps`` (arrays of one length)."""
+        return mix_keys(self.seed, self.positions[members], steps.astype(np.int64))
 
 
 def uniform(
@@ -37,13 +68,15 @@ def uniform(
 ) -> Tensor:
     """``numel`` float32 numbers in [0, 1), a pure function of ``key`` and the element index.
 
-    Element ``i`` uses index ``start + i``, or ``start[i]`` when ``start`` is a tensor of
-    indices: a shard of a tensor draws exactly the numbers of its elements in the whole tensor.
+    Element ``i`` uses index ``start + i`` (``start`` an int or a 0-d int64 tensor), or
+    ``start[i]`` when ``start`` is a 1-d tensor of indices: a shard of a tensor draws exactly
+    the numbers of its elements in the whole tensor. ``key`` may be a 0-d int64 tensor (the
+    compiled kernels read keys from a table).
     """
-    if isinstance(start, Tensor):
+    if isinstance(start, Tensor) and start.dim() > 0:
         h = start.reshape(-1).to(device=device, dtype=torch.int64)
     else:
-        h = torch.arange(start, start + numel, dtype=torch.int64, device=device)
+        h = torch.arange(numel, dtype=torch.int64, device=device) + start
     h = (h * 0x9E3779B1 + key) & _MASK32
     h = h ^ (h >> 16)
     h = (h * 0x85EBCA6B) & _MASK32
@@ -88,7 +121,19 @@ def round_stochastic(x: Tensor, dtype: torch.dtype, u: Tensor) -> Tensor:
 
     ``u`` holds uniform numbers in [0, 1) with ``x``'s number of elements (row-major order).
     Values that ``dtype`` represents exactly, infinities and NaN are returned unchanged.
+
+    bfloat16 is fp32 with the low 16 bits dropped, so there it is integer arithmetic on the
+    bits: add ``floor(u * 2^16)`` to the low half and truncate. The value moves away from zero
+    (to the next bf16 in magnitude) with probability (low half) / 2^16: the same unbiased
+    rounding in a few vector instructions.
     """
+    if dtype == torch.bfloat16 and x.dtype == torch.float32:
+        bits = x.view(torch.int32)
+        noise = (u.view(x.shape) * 65536.0).to(torch.int32)
+        rounded = ((bits + noise) & -65536).view(torch.float32)
+        # past the largest finite bf16: round to nearest instead (never overflow to inf)
+        rounded = torch.where(torch.isinf(rounded) & torch.isfinite(x), x, rounded)
+        return rounded.to(dtype)
     nearest = x.to(dtype)
     near32 = nearest.to(x.dtype)
     toward = torch.where(near32 < x, torch.full_like(nearest, float("inf")), -torch.inf)

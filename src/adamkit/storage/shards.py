@@ -153,10 +153,8 @@ def local_chunk(full_value: Tensor, like: Tensor) -> Tensor:
     return value
 
 
-def local_step_inputs(
-    param: Tensor, grad: Tensor, state: dict[str, Any], rng_key: Any
-) -> tuple[Tensor, Tensor, dict[str, Any], Any]:
-    """Local shards of a DTensor param, its grad and its state, and the shard's random key.
+def local_grad(param: Tensor, grad: Tensor) -> Tensor:
+    """The local shard of ``grad`` laid out as DTensor ``param`` (plain tensors unchanged).
 
     The grad is normally laid out as the param (FSDP2 reduce-scatters into the param's
     shards); a grad with other placements is redistributed first, the one case in which a
@@ -164,4 +162,12 @@ def local_step_inputs(
     """
     if is_dtensor(grad) and tuple(grad.placements) != tuple(param.placements):
         grad = grad.redistribute(param.device_mesh, param.placements)
-    return local(param), local(grad), localize_state(state), shard_key(param, rng_key)
+    return local(grad)
+
+
+def local_step_inputs(
+    param: Tensor, grad: Tensor, state: dict[str, Any], rng_key: Any
+) -> tuple[Tensor, Tensor, dict[str, Any], Any]:
+    """Local shards of a DTensor param, its grad (:func:`local_grad`) and its state, and the
+    shard's random key."""
+    return local(param), local_grad(param, grad), localize_state(state), shard_key(param, rng_key)
