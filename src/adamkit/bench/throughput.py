@@ -22,6 +22,15 @@ later ones (the second candidate, the next run) are warm starts. ``adamkit-auto`
 until its policy has switched to the compiled kernels (at most ``--auto-steps`` steps); the
 step at which it switched is reported.
 
+Lean optimizer state (``--state-dtype bfloat16,int8,int4``): each adamkit backend runs once
+more per state dtype, in the same interleaved rounds. Every row shows its state bytes per
+param (``adamkit.memory_report``; for third-party optimizers the state tensors as allocated)
+and how many of the layout's tensors are really stored in the requested format: adamkit keeps
+tensors under ``min_quantized_size`` (default 4096 elements) in fp32 and says so, and so do the
+anchors, silently. With int8 in the list, bitsandbytes' AdamW8bit is timed as an optional
+anchor (``--anchors``; torchao's 8- and 4-bit AdamW on request), and the int8/int4 rows show
+their ratio to it. An anchor that does not import or run here is skipped with a note.
+
 Timings are of a shared machine: rerun when the ratios look noisy.
 """
 
@@ -31,17 +40,27 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from typing import Any
 
 import torch
 
 import adamkit
+from adamkit.bench import anchors
+from adamkit.bench.throughput_results import (
+    Result,
+    format_notes,
+    ratios,
+    render,
+    skip_notes,
+    table_rows,
+)
 from adamkit.execution.compiled import compile_stats, reset_kernels
+from adamkit.storage.select import STATE_DTYPES as _ALL_STATE_DTYPES
 
 LAYOUTS = {
     "big": (50_000_000, 33),
@@ -51,6 +70,8 @@ TORCH_CANDIDATES = ("torch-forloop", "torch-foreach", "torch-fused")
 ADAMKIT_CANDIDATES = ("adamkit-eager", "adamkit-auto", "adamkit-compiled")
 CANDIDATES = ADAMKIT_CANDIDATES + TORCH_CANDIDATES
 DEFAULT_CANDIDATES = ("adamkit-compiled", "adamkit-auto", "adamkit-eager") + TORCH_CANDIDATES
+STATE_DTYPES = tuple(d for d in _ALL_STATE_DTYPES if d is not None)
+"""``--state-dtype`` values; an adamkit candidate with one is named ``adamkit-compiled:int8``."""
 
 
 def layout_shapes(name: str, params: int | None = None, tensors: int | None = None) -> list:
@@ -67,10 +88,33 @@ def layout_shapes(name: str, params: int | None = None, tensors: int | None = No
     raise ValueError(f"unknown layout {name!r}")
 
 
-def _make_optimizer(name: str, params: list[torch.Tensor]) -> torch.optim.Optimizer:
+def expand_candidates(
+    names: Sequence[str], state_dtypes: Sequence[str] = (), anchor_names: Sequence[str] = ()
+) -> list[str]:
+    """``names`` with each adamkit backend followed by its ``:state_dtype`` variants, then the
+    anchors (keys of :data:`anchors.ANCHORS`)."""
+    out: list[str] = []
+    for name in names:
+        out.append(name)
+        if name.startswith("adamkit-"):
+            out += [f"{name}:{dtype}" for dtype in state_dtypes]
+    return out + [a for a in anchor_names if a not in out]
+
+
+def split_candidate(candidate: str) -> tuple[str, str | None]:
+    """``"adamkit-compiled:int8"`` -> ``("adamkit-compiled", "int8")``."""
+    name, _, state_dtype = candidate.partition(":")
+    return name, state_dtype or None
+
+
+def _make_optimizer(candidate: str, params: list[torch.Tensor]) -> torch.optim.Optimizer:
     kw = {"lr": 1e-3, "weight_decay": 1e-2}
+    name, state_dtype = split_candidate(candidate)
     if name.startswith("adamkit-"):
-        return adamkit.AdamW(params, backend=name.removeprefix("adamkit-"), **kw)
+        backend = name.removeprefix("adamkit-")
+        return adamkit.AdamW(params, backend=backend, state_dtype=state_dtype, **kw)
+    if name in anchors.ANCHORS:
+        return anchors.make_optimizer(name, params, **kw)
     if name == "torch-forloop":
         return torch.optim.AdamW(params, foreach=False, **kw)
     if name == "torch-foreach":
@@ -89,29 +133,6 @@ def _dynamo_graphs() -> int:
         return 0
 
 
-@dataclass
-class Result:
-    candidate: str
-    layout: str
-    numel: int
-    tensors: int
-    step_s: list[float] = field(default_factory=list)
-    first_step_s: float = 0.0
-    compiles: int = 0
-    compile_s: float = 0.0
-    graphs: int = 0
-    switched_at: int | None = None
-    note: str = ""
-
-    @property
-    def median_s(self) -> float:
-        return statistics.median(self.step_s) if self.step_s else float("nan")
-
-    @property
-    def gparams(self) -> float:
-        return self.numel / self.median_s / 1e9
-
-
 class _Candidate:
     def __init__(self, name: str, shapes: list, grads: list[torch.Tensor], device: str):
         gen = torch.Generator().manual_seed(0)
@@ -121,6 +142,7 @@ class _Candidate:
         for p, g in zip(self.params, grads):
             p.grad = g
         self.name = name
+        self.backend, self.state_dtype = split_candidate(name)
         self.opt = _make_optimizer(name, self.params)
 
     def step(self, sync: Callable[[], None]) -> float:
@@ -135,12 +157,81 @@ class _Candidate:
         executor = getattr(self.opt, "_executor", None)
         return executor is not None and executor.compiling
 
-    def note(self, switched_at: int | None) -> str:
-        if self.name != "adamkit-auto":
-            return ""
-        if switched_at is not None:
-            return f"compiled from step {switched_at}"
-        return "uncompiled" if not self.compiling else "compiled"
+    def describe(self, result: Result) -> None:
+        """Fill in the row's name, state format and bytes, and its note."""
+        anchor = anchors.ANCHORS.get(self.backend)
+        numel = sum(p.numel() for p in self.params)
+        notes = []
+        if anchor is not None:
+            result.label = anchor.label
+            result.state = anchors.quantised_format(self.backend)
+            result.formats = dict(anchors.state_formats(self.backend, self.opt))
+            result.state_bytes_per_param = anchors.state_bytes(self.opt) / numel
+        else:
+            result.state = self.state_dtype or "float32"
+            report = adamkit.memory_report(self.opt)
+            result.state_bytes_per_param = report.bytes_per_param
+            if self.backend.startswith("adamkit-"):
+                result.formats = dict(Counter(t.format for t in report.tensors))
+                notes += sorted({t.reason for t in report.tensors if t.format != result.state})
+            else:
+                kinds = (str(s["exp_avg"].dtype) for s in self.opt.state.values())
+                result.formats = dict(Counter(k.removeprefix("torch.") for k in kinds))
+        if self.backend == "adamkit-auto":
+            at = result.switched_at
+            notes.insert(0, f"compiled from step {at}" if at else "uncompiled")
+        uncompiled = self._uncompiled()
+        if uncompiled and self.compiling:
+            notes.append(f"{uncompiled}/{len(self.params)} tensors uncompiled")
+        if anchor is not None and not result.fully_quantised:
+            kept = len(self.params) - result.formats.get(result.state, 0)
+            notes.append(f"kept {kept}/{len(self.params)} in fp32: not a low-bit reference")
+        result.note = "; ".join(notes)
+
+    def _uncompiled(self) -> int:
+        """Params the compiled executor stepped uncompiled (0 if it cannot tell)."""
+        plans = getattr(getattr(self.opt, "_executor", None), "_plans", None) or {}
+        return sum(
+            len(getattr(p, "eager", ())) + len(getattr(p, "failed", ())) for p in plans.values()
+        )
+
+
+def _prepare(
+    name: str, layout: str, shapes: list, grads: list, device: str, sync, warmup: int, auto_steps
+) -> tuple[_Candidate | None, Result]:
+    """Build a candidate, time its first step and warm it up (auto: until it compiles)."""
+    result = Result(name, layout, sum(g.numel() for g in grads), len(shapes))
+    if name.startswith("adamkit-"):
+        reset_kernels()  # each candidate compiles for itself (inductor's disk cache stays)
+    before = (compile_stats().compiles, compile_stats().seconds, _dynamo_graphs())
+    try:
+        cand = _Candidate(name, shapes, grads, device)
+        result.first_step_s = cand.step(sync)
+    except Exception as e:  # noqa: BLE001 - an optional anchor may fail in many ways
+        if name not in anchors.ANCHORS:
+            raise
+        result.label = anchors.ANCHORS[name].label
+        if isinstance(e, anchors.Unavailable):
+            result.skipped = str(e)
+        else:
+            result.skipped = f"fails on {device}: {type(e).__name__}: {e}"
+        return None, result
+    for _ in range(warmup):
+        cand.step(sync)
+    if cand.backend == "adamkit-auto":
+        steps = 1 + warmup
+        while not cand.compiling and steps < auto_steps:
+            cand.step(sync)
+            steps += 1
+        if cand.compiling:
+            result.switched_at = steps + 1  # the next step compiles and runs compiled
+            for _ in range(warmup):
+                cand.step(sync)
+    stats = compile_stats()
+    result.compiles = stats.compiles - before[0]
+    result.compile_s = stats.seconds - before[1]
+    result.graphs = _dynamo_graphs() - before[2]
+    return cand, result
 
 
 def run_layout(
@@ -154,107 +245,28 @@ def run_layout(
     auto_steps: int = 200,
     log: Callable[[str], None] = print,
 ) -> list[Result]:
-    """Time ``candidates`` on one layout; see the module docstring for the protocol."""
+    """Time ``candidates`` on one layout; see the module docstring for the protocol.
+
+    An anchor that cannot run comes back with ``skipped`` set and no timings."""
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     gen = torch.Generator().manual_seed(1)
     grads = [(torch.randn(s, generator=gen) * 1e-2).to(device) for s in shapes]
-    numel = sum(g.numel() for g in grads)
     runs: list[tuple[_Candidate, Result]] = []
+    results: list[Result] = []
     for name in candidates:
-        if name.startswith("adamkit-"):
-            reset_kernels()  # each candidate compiles for itself (inductor's disk cache stays)
-        before = (compile_stats().compiles, compile_stats().seconds, _dynamo_graphs())
-        cand = _Candidate(name, shapes, grads, device)
-        result = Result(name, layout, numel, len(shapes))
-        result.first_step_s = cand.step(sync)
-        for _ in range(warmup):
-            cand.step(sync)
-        if name == "adamkit-auto":
-            steps = 1 + warmup
-            while not cand.compiling and steps < auto_steps:
-                cand.step(sync)
-                steps += 1
-            if cand.compiling:
-                result.switched_at = steps + 1  # the next step compiles and runs compiled
-                for _ in range(warmup):
-                    cand.step(sync)
-        stats = compile_stats()
-        result.compiles = stats.compiles - before[0]
-        result.compile_s = stats.seconds - before[1]
-        result.graphs = _dynamo_graphs() - before[2]
+        cand, result = _prepare(name, layout, shapes, grads, device, sync, warmup, auto_steps)
+        results.append(result)
+        if cand is None:
+            log(f"  {layout}: {name} skipped ({result.skipped})")
+            continue
         runs.append((cand, result))
         log(f"  {layout}: {name} ready (first step {result.first_step_s:.2f} s)")
     for _ in range(repeats):
         for cand, result in runs:
             result.step_s.append(cand.step(sync))
     for cand, result in runs:
-        result.note = cand.note(result.switched_at)
-    return [result for _, result in runs]
-
-
-def _ratio(result: Result, results: list[Result], name: str) -> float | None:
-    ref = next((r for r in results if r.candidate == name), None)
-    return None if ref is None else ref.median_s / result.median_s
-
-
-def table_rows(results: list[Result]) -> list[list[str]]:
-    rows = []
-    for r in results:
-        fused = _ratio(r, results, "torch-fused")
-        foreach = _ratio(r, results, "torch-foreach")
-        rows.append(
-            [
-                r.layout,
-                r.candidate,
-                f"{r.gparams:.3f}",
-                "-" if fused is None else f"{fused:.2f}x",
-                "-" if foreach is None else f"{foreach:.2f}x",
-                f"{r.median_s * 1e3:.1f}",
-                f"{r.first_step_s:.2f}",
-                f"{r.compiles} ({r.compile_s:.1f} s)" if r.compiles else "0",
-                r.note,
-            ]
-        )
-    return rows
-
-
-HEADER = [
-    "layout",
-    "optimizer",
-    "Gparam/s",
-    "vs fused",
-    "vs foreach",
-    "step ms",
-    "first step s",
-    "compiles",
-    "note",
-]
-
-
-def render(rows: list[list[str]], title: str) -> str:
-    try:
-        from rich.console import Console
-        from rich.table import Table
-    except ImportError:
-        return _plain(rows, title)
-    table = Table(title=title)
-    for name in HEADER:
-        table.add_column(
-            name, justify="left" if name in ("layout", "optimizer", "note") else "right"
-        )
-    for row in rows:
-        table.add_row(*row)
-    console = Console(width=160, record=True, force_terminal=False)
-    with console.capture() as capture:
-        console.print(table)
-    return capture.get()
-
-
-def _plain(rows: list[list[str]], title: str) -> str:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(HEADER)]
-    lines = [title, "  ".join(h.ljust(w) for h, w in zip(HEADER, widths))]
-    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows]
-    return "\n".join(lines)
+        cand.describe(result)
+    return results
 
 
 def machine() -> dict[str, Any]:
@@ -295,6 +307,22 @@ def parser() -> argparse.ArgumentParser:
         default=",".join(DEFAULT_CANDIDATES),
         help=f"comma list of {', '.join(CANDIDATES)} (adamkit-* may be given as eager, ...)",
     )
+    ap.add_argument(
+        "--state-dtype",
+        type=_state_dtypes,
+        default=(),
+        metavar="LIST",
+        help=f"comma list of {', '.join(STATE_DTYPES)}: a row per adamkit backend and state "
+        "dtype, besides the default (moments in the param's dtype)",
+    )
+    ap.add_argument(
+        "--anchors",
+        type=_anchor_names,
+        default=None,
+        metavar="LIST",
+        help=f"optional low-bit anchors, comma list of {', '.join(anchors.PACKAGES)} or none "
+        "(default: bnb when --state-dtype has int8); skipped with a note where they cannot run",
+    )
     ap.add_argument("--json", metavar="PATH", help="write the results as JSON")
     ap.add_argument(
         "--monitor",
@@ -333,6 +361,25 @@ def monitor_overhead(args: argparse.Namespace) -> int:
     return 0
 
 
+def _comma_list(value: str, known: Sequence[str], what: str) -> tuple[str, ...]:
+    names = tuple(dict.fromkeys(n.strip() for n in value.split(",") if n.strip()))
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise argparse.ArgumentTypeError(
+            f"unknown {what} {', '.join(map(repr, unknown))}; choose from {', '.join(known)}"
+        )
+    return names
+
+
+def _state_dtypes(value: str) -> tuple[str, ...]:
+    return _comma_list(value, STATE_DTYPES, "state dtype")
+
+
+def _anchor_names(value: str) -> tuple[str, ...]:
+    names = _comma_list(value, (*anchors.PACKAGES, "none"), "anchor")
+    return tuple(a for name in names if name != "none" for a in anchors.PACKAGES[name])
+
+
 def _candidates(value: str) -> list[str]:
     names = []
     for name in (n.strip() for n in value.split(",") if n.strip()):
@@ -355,7 +402,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         layouts = ["custom"] if args.layouts == "big,many" else args.layouts.split(",")
     else:
         layouts = [name.strip() for name in args.layouts.split(",") if name.strip()]
-    candidates = _candidates(args.backends)
+    anchor_names = args.anchors
+    if anchor_names is None:  # default: bitsandbytes next to adamkit's int8 rows
+        anchor_names = anchors.PACKAGES["bnb"] if "int8" in args.state_dtype else ()
+    backends = _candidates(args.backends)
+    if args.state_dtype and not any(b.startswith("adamkit-") for b in backends):
+        print(
+            "adamkit bench: --state-dtype needs an adamkit backend in --backends", file=sys.stderr
+        )
+        return 2
+    candidates = expand_candidates(backends, args.state_dtype, anchor_names)
     results: list[Result] = []
     for layout in layouts:
         shapes = layout_shapes(layout, args.params, args.tensors)
@@ -380,14 +436,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{info['torch']}, median of {args.repeats})"
     )
     print(render(rows, title))
+    notes = format_notes(results) + skip_notes(results)
+    for line in notes:
+        print(line)
     if args.json:
         payload = {
             "command": "adamkit bench " + " ".join(argv if argv is not None else sys.argv[1:]),
             "date": time.strftime("%Y-%m-%d %H:%M:%S"),
             "machine": info,
             "device": args.device,
+            "state_dtypes": list(args.state_dtype),
+            "anchors": list(anchor_names),
+            "notes": notes,
             "results": [
-                {**asdict(r), "median_s": r.median_s, "gparams_per_s": r.gparams} for r in results
+                {
+                    **asdict(r),
+                    "median_s": r.median_s if r.step_s else None,
+                    "gparams_per_s": r.gparams if r.step_s else None,
+                    "ratios": ratios(r, results),
+                }
+                for r in results
             ],
         }
         with open(args.json, "w") as f:
