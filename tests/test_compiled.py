@@ -329,3 +329,36 @@ def test_lean_state_and_stochastic_rounding_run_compiled_and_match_eager(
     assert group_plan.eager == [] and group_plan.failed == []  # all of it ran compiled
     codec, _ = opt.codec_for(ours[0])
     assert any(spec.codec == codec for spec in kernels._KERNELS)
+
+
+@pytest.mark.parametrize(("state_dtype", "tol"), [("float32", 1e-5), ("int8", 2e-2)])
+def test_signal_kernels_return_the_fused_sums_of_the_step(state_dtype: str, tol: float) -> None:
+    """On a Monitor's sampled step (``fused_signals_request``) the compiled kernels return
+    :func:`fused_sums` of every param, slots added up (int8: a tail slot after whole blocks).
+    By hand from p before/after, g and the stored moments (int8: decoded, so within the
+    quantisation error of the values the kernel saw)."""
+    from adamkit.diagnostics.signals import fused_sums
+    from adamkit.rule import bias_corrections
+
+    ps = _model([(300, 7), (129,), (64, 33)])
+    opt = adamkit.AdamW(
+        ps, lr=1e-2, weight_decay=0.1, backend="compiled", state_dtype=state_dtype,
+        min_quantized_size=0,
+    )  # fmt: skip
+    _set_grads(ps, 0)
+    opt.step()
+    _set_grads(ps, 1)
+    before = [p.detach().clone() for p in ps]
+    opt.fused_signals_request = True
+    opt.step()
+    got = opt.fused_signal_sums
+    assert set(got) == set(ps)
+    bc1, bc2 = bias_corrections(2.0, 0.9, 0.999)
+    for p, p0 in zip(ps, before):
+        state = opt.decoded_state(p)
+        want = fused_sums(
+            p0.flatten(), p.detach().flatten(), p.grad.flatten(), state["exp_avg"].flatten(),
+            state["exp_avg_sq"].flatten(), None, bc1, bc2, 1e-8,
+        )  # fmt: skip
+        assert got[p].shape == want.shape
+        assert torch.allclose(got[p], want, rtol=tol, atol=1e-6), (tuple(p.shape), got[p], want)

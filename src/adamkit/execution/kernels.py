@@ -30,10 +30,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from adamkit.diagnostics.signals import fused_sums
 from adamkit.execution.eager import write_param_
 from adamkit.execution.multi_tensor import moment_keys
 from adamkit.rule import StepScalars, UpdateFlags, adam_update, step_scalars
-from adamkit.diagnostics.signals import fused_sums
 from adamkit.storage.rounding import ShardKey
 
 
@@ -142,7 +142,7 @@ def _chunk_function(spec: KernelSpec) -> Callable:
                 # Whole blocks: this view ties the slot's size to its number of blocks, so
                 # that no padding (and no masked load) is traced.
                 blocks = state[codec.state_keys("exp_avg")[1]].shape[0]
-                param, grad = param.view(blocks, block), grad.view(blocks, block)
+                param, grad = param.view(blocks * block), grad.view(blocks * block)
                 # Reads through views whose sizes follow from ``blocks``; writes go to the
                 # tensors themselves (a write through a view makes inductor copy it back).
                 state_in = {
@@ -155,8 +155,11 @@ def _chunk_function(spec: KernelSpec) -> Callable:
                 state_in = state
             s = StepScalars(*scalars[i].unbind(0))
             shape = param.shape
+            # the param before the step; a copy when the signals read it after the write
+            # (for fp32, ``to`` returns the param itself, which the step overwrites)
+            p0 = param.to(f32, copy=signals)
             out = adam_update(
-                param.to(f32),
+                p0,
                 grad.to(f32),
                 codec.decode(state_in, "exp_avg", shape, f32),
                 codec.decode(state_in, "exp_avg_sq", shape, f32),
@@ -176,7 +179,6 @@ def _chunk_function(spec: KernelSpec) -> Callable:
             for name in keys:
                 codec.encode_(state, name, moments[name], key)
             if signals:
-                p0 = param.to(f32)
                 if block:
                     p0 = torch.where(inside, p0, 0.0)  # a staging block's padding: no entries
                 sums.append(
