@@ -309,9 +309,13 @@ def test_lean_state_and_stochastic_rounding_run_compiled_and_match_eager(
     opt = adamkit.AdamW(ours, backend="compiled", **kwargs)
     ref_opt = adamkit.AdamW(ref, backend="eager", **kwargs)
     # The random streams are the same numbers on both paths (drawn by element index), so the
-    # only differences are fp32 rounding inside the update: params within the registry's
-    # tolerance; a moment stored in bf16 may land one bf16 ulp apart (as bf16 params do).
-    moment_tol = BF16_TOLERANCE if state_dtype == "bfloat16" else TOLERANCE
+    # only differences come from fp32 rounding inside the update: a value within an ulp of a
+    # rounding decision (a stochastic draw, a code boundary) can go the other way, leaving that
+    # moment entry one step of its format apart (a bf16 ulp, an int8/int4 level) and moving
+    # its param by up to lr * |change of u| in the next steps. So: every param within 2e-5
+    # (relative to its largest entry), at most 0.5% of moment entries off by more than 2e-6,
+    # and none by more than one step of the format.
+    level = {"bfloat16": 2.0**-7, "int8": 4.0 / 127, "int4": 0.5}.get(state_dtype, 2e-6)
     for step in range(20):
         gen = torch.Generator().manual_seed(100 + step)
         for p, q in zip(ours, ref):
@@ -320,11 +324,14 @@ def test_lean_state_and_stochastic_rounding_run_compiled_and_match_eager(
         opt.step()
         ref_opt.step()
         for p, q in zip(ours, ref):
-            assert relative_error(p, q) <= TOLERANCE, (step, tuple(p.shape))
+            assert relative_error(p, q) <= 2e-5, (step, tuple(p.shape))
             ours_state, ref_state = opt.decoded_state(p), ref_opt.decoded_state(q)
             for key in ("exp_avg", "exp_avg_sq"):
-                err = relative_error(ours_state[key], ref_state[key])
-                assert err <= moment_tol, (step, tuple(p.shape), key, err)
+                want, have = ref_state[key].float(), ours_state[key].float()
+                scale = want.abs().max().clamp_min(1e-30)
+                diff = (have - want).abs() / scale
+                off = (diff > 2e-6).float().mean().item()
+                assert off <= 0.005 and diff.max() <= level, (step, tuple(p.shape), key, off)
     group_plan = opt._executor._plans[0]
     assert group_plan.eager == [] and group_plan.failed == []  # all of it ran compiled
     codec, _ = opt.codec_for(ours[0])

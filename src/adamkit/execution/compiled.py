@@ -217,7 +217,7 @@ class CompiledExecutor:
                 g = grads[i]
                 if type(g) is not Tensor:
                     g = local_grad(plan.params[i], g)  # FSDP2: the local shard
-                g = g if g.dim() == 1 else g.view(-1)  # 1-d: see kernels.Kernel.arguments
+                g = g if g.dim() == 1 else g.ravel()  # 1-d (a view): see Kernel.arguments
                 args[pos] = g if numel is None else g.narrow(0, 0, numel)
             try:
                 out = call.kernel.fn(*args)

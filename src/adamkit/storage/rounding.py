@@ -3,7 +3,9 @@ r"""Counter-based random numbers and stochastic rounding, traceable by torch.com
 Stochastic rounding needs one uniform number per element per step. Drawing them from a
 ``torch.Generator`` would cost a pass over memory and could not be fused into a compiled kernel
 deterministically, so adamkit derives them from a hash of ``(key, element index)``: the
-murmur3 32-bit finaliser over ``index * golden + key``. ``key`` mixes the optimizer's seed, the
+murmur3 32-bit finaliser over ``index * golden + key``. Each hash gives two streams of 16 bits
+(m and v share one; vmax and the param another), since hashing is most of the compiled
+kernels' arithmetic. ``key`` mixes the optimizer's seed, the
 param's index and the step count, so the numbers are a pure function of saved state: a run
 resumed from a checkpoint draws exactly the numbers the uninterrupted run drew.
 
@@ -22,6 +24,7 @@ import torch
 from torch import Tensor
 
 _MASK32 = 0xFFFFFFFF
+_BF16_MAX = float(torch.finfo(torch.bfloat16).max)
 
 
 def mix_keys(seed: int, param_index: np.ndarray, step: np.ndarray) -> np.ndarray:
@@ -63,10 +66,10 @@ class KeySource:
         return mix_keys(self.seed, self.positions[members], steps.astype(np.int64))
 
 
-def uniform(
+def hash32(
     numel: int, key: Tensor | int, device: torch.device | str = "cpu", start: int | Tensor = 0
 ) -> Tensor:
-    """``numel`` float32 numbers in [0, 1), a pure function of ``key`` and the element index.
+    """``numel`` 32-bit hashes (int64 tensor), a pure function of ``key`` and element index.
 
     Element ``i`` uses index ``start + i`` (``start`` an int or a 0-d int64 tensor), or
     ``start[i]`` when ``start`` is a 1-d tensor of indices: a shard of a tensor draws exactly
@@ -82,16 +85,24 @@ def uniform(
     h = (h * 0x85EBCA6B) & _MASK32
     h = h ^ (h >> 13)
     h = (h * 0xC2B2AE35) & _MASK32
-    h = h ^ (h >> 16)
-    return (h >> 8).to(torch.float32) * (1.0 / 16777216.0)
+    return h ^ (h >> 16)
 
 
-# One stream of numbers per quantity, so that m, v, vmax and the param draw differently.
+def uniform(
+    numel: int, key: Tensor | int, device: torch.device | str = "cpu", start: int | Tensor = 0
+) -> Tensor:
+    """``numel`` float32 numbers in [0, 1) on a grid of 2^-24 (see :func:`hash32`)."""
+    return (hash32(numel, key, device, start) >> 8).to(torch.float32) * (1.0 / 16777216.0)
+
+
+# Random streams: one 32-bit hash per element serves two quantities, 16 bits each (plenty
+# for stochastic rounding: bf16 drops 16 bits, a code level needs far fewer), so that the
+# moments m and v, updated in the same loop, share one hash: (pair key, which half).
 STREAMS = {
-    "exp_avg": 0x1B873593,
-    "exp_avg_sq": 0xCC9E2D51,
-    "max_exp_avg_sq": 0xE6546B64,
-    "param": 0x85EBCA6B,
+    "exp_avg": (0x1B873593, 0),
+    "exp_avg_sq": (0x1B873593, 16),
+    "max_exp_avg_sq": (0xE6546B64, 0),
+    "param": (0xE6546B64, 16),
 }
 
 
@@ -109,11 +120,13 @@ class ShardKey(NamedTuple):
 
 
 def stream_uniform(like: Tensor, rng_key: Tensor | int | ShardKey, stream: str) -> Tensor:
-    """Uniform numbers for every element of ``like`` from the ``stream`` of ``rng_key``."""
-    if isinstance(rng_key, ShardKey):
-        key, start = rng_key
-        return uniform(like.numel(), key ^ STREAMS[stream], like.device, start)
-    return uniform(like.numel(), rng_key ^ STREAMS[stream], like.device)
+    """Uniform numbers in (0, 1), the midpoints (k + 1/2) / 2^16 of a grid of 2^16 cells, for
+    every element of ``like``, from the ``stream`` of ``rng_key`` (16 bits of a hash that one
+    other stream shares). Midpoints: P(u < p) is within 2^-17 of p, above or below."""
+    key, start = rng_key if isinstance(rng_key, ShardKey) else (rng_key, 0)
+    pair, shift = STREAMS[stream]
+    h = hash32(like.numel(), key ^ pair, like.device, start)
+    return (((h >> shift) & 0xFFFF).to(torch.float32) + 0.5) * (1.0 / 65536.0)
 
 
 def round_stochastic(x: Tensor, dtype: torch.dtype, u: Tensor) -> Tensor:
@@ -131,9 +144,10 @@ def round_stochastic(x: Tensor, dtype: torch.dtype, u: Tensor) -> Tensor:
         bits = x.view(torch.int32)
         noise = (u.view(x.shape) * 65536.0).to(torch.int32)
         rounded = ((bits + noise) & -65536).view(torch.float32)
-        # past the largest finite bf16: round to nearest instead (never overflow to inf)
-        rounded = torch.where(torch.isinf(rounded) & torch.isfinite(x), x, rounded)
-        return rounded.to(dtype)
+        # at or past the largest finite bf16 (and inf, NaN): round to nearest instead, so that
+        # a finite value never rounds up to inf (a float compare: vectorises, isinf does not)
+        keep = ~(x.abs() < _BF16_MAX)
+        return torch.where(keep, x, rounded).to(dtype)
     nearest = x.to(dtype)
     near32 = nearest.to(x.dtype)
     toward = torch.where(near32 < x, torch.full_like(nearest, float("inf")), -torch.inf)
