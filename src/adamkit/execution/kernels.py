@@ -348,7 +348,14 @@ def _compile(spec: KernelSpec, device: torch.device) -> Kernel:
         captured["sources"] = [
             _source_name(node) for node in gm.graph.nodes if node.op == "placeholder"
         ]
-        compiled = inductor_compile(gm, example_inputs, options=dict(INDUCTOR_OPTIONS))
+        options = dict(INDUCTOR_OPTIONS)
+        if spec.layout != "small":
+            # Inductor sizes its parallel loops from the trace's size hints and left some
+            # mixed kernels (stochastic rounding, block codes) serial: measured 0.29x torch
+            # fused for bf16 moments on 33 tensors of 1.5M. One parallel scope per loop,
+            # its threads chosen at run time, as for the fp32 kernels.
+            options["cpp.dynamic_threads"] = True
+        compiled = inductor_compile(gm, example_inputs, options=options)
         captured["fn"] = compiled
         return compiled
 
