@@ -13,9 +13,10 @@
 
 On a sampled step (the ``k``-th call of ``step()`` with ``k % every == 0``) the pre-hook keeps
 a strided sample of each param that has a gradient (at most ``signals.SAMPLE`` entries: no
-copy of the params), and the post-hook reads each gradient once for its exact norm, takes the
-same sample of p, g, m and v, moves everything to the host in one transfer per device and
-computes the signals there in float64. On other steps the hooks only count. Observed losses are
+copy of the params), and the post-hook reads each gradient and moment once for their exact
+norms, takes the same sample of p, m and v, moves everything to the host in one transfer per
+device and computes the signals there in float64, all tensors at once
+(:mod:`adamkit.diagnostics.readout`). On other steps the hooks only count. Observed losses are
 kept as tensors until the next sampled step, so ``observe`` never synchronises.
 
 Works with any ``torch.optim.Optimizer`` whose state holds torch's ``step``, ``exp_avg``,
@@ -25,17 +26,23 @@ tensor whose step count did not advance (the step was skipped) reports its gradi
 but no update signals.
 
 Fused signals (for executors that fuse the step): an optimizer whose attribute
-``supports_fused_signals`` is ``True`` finds ``fused_signals_request = True`` set before a
-sampled step; it then leaves ``fused_signal_sums``, a dict param -> the vector
-:func:`adamkit.diagnostics.signals.fused_sums` computes (exact sums over the whole tensor, from
-the values inside its kernel), and the Monitor uses those instead of its sampled estimates
-(the fractions and percentiles still come from the sample).
+``supports_fused_signals`` is ``True`` finds ``fused_signals_request = True`` (and
+``fused_signal_sums = None``) set before a sampled step; it then leaves ``fused_signal_sums``,
+a dict param -> the vector :func:`adamkit.diagnostics.signals.fused_sums` computes (exact sums
+and counts over the whole tensor, from the values inside its kernel), for every param it
+stepped. For those params the Monitor takes every signal from the sums but the effective-lr
+percentiles, which come from a sample of v: it reads no gradient or moment in full, samples
+only v, and counts no non-finite entry itself. When every param had sums at the previous
+sampled step, the pre-hook takes no sample of p either; a param then left without sums has no
+update-to-weight ratio in that record (a ``RuntimeWarning`` says so once).
 """
 
 from __future__ import annotations
 
 import math
 import time
+import warnings
+import weakref
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -47,21 +54,22 @@ from torch.optim import Optimizer
 
 from adamkit.diagnostics import signals as S
 from adamkit.diagnostics.alerts import Alert, AlertConfig, AlertEngine, log_alert
+from adamkit.diagnostics.readout import (
+    ROW,
+    Entry,
+    Layout,
+    Samples,
+    StepCounts,
+    Transfer,
+)
+from adamkit.diagnostics.sharded import Sampler, all_reduce_counts_, gather_samples_
+from adamkit.diagnostics.sharded import _real as _local_real
 from adamkit.execution.eager import compute_dtype
-from adamkit.storage.shards import is_dtensor, local
+from adamkit.storage.select import MOMENT_KEYS
 
 
 def _float(x: Any) -> float:
     return float(x.item()) if isinstance(x, Tensor) else float(x)
-
-
-def _step_value(x: Any) -> float | Tensor | None:
-    """A step count as a float (no sync for CPU tensors) or, on an accelerator, a 0-d copy."""
-    if x is None:
-        return None
-    if isinstance(x, Tensor):
-        return float(x) if x.device.type == "cpu" else x.detach().clone()
-    return float(x)
 
 
 def param_names(optimizer: Optimizer, names: Any = None) -> list[list[str]]:
@@ -103,32 +111,45 @@ def read_state(optimizer: Optimizer, param: Tensor) -> dict[str, Any] | None:
     return st
 
 
-@dataclass
+@dataclass(eq=False)
 class _Snapshot:
-    param: Tensor
-    group: int
-    index: int
-    stride: int
-    before: Tensor  # the strided sample of the param before the step
-    step_before: float | Tensor | None
+    """What the pre-hook took: the layout, p0's samples and the step counts before the step."""
+
+    layout: Layout
+    p0: list[tuple[list[int], Tensor]] | None  # per (device, dtype); None: not needed
+    p0_other: dict[int, Tensor]  # entries sampled one by one
+    steps: StepCounts
 
 
-@dataclass
+@dataclass(eq=False)
 class _Row:
-    name: str
-    group: int
-    shape: tuple[int, ...]
-    numel: int
-    refs: dict[str, Tensor]
-    n_rows: int = 3  # sample rows: p0, p1, g (+ m, v_used, v_raw with state)
-    k: int = 0  # sample size
-    has_state: bool = False
-    step_after: float | None = None  # None: on the device, read from the transfer
-    step_before: float | None = None
+    """One measured tensor on this step: its local real tensors and what the step left."""
+
+    entry: Entry
+    index: int  # into the layout's entries
+    grad: Tensor
+    param: Tensor
+    m: Tensor | None = None
+    v: Tensor | None = None  # raw exp_avg_sq
+    vmax: Tensor | None = None  # AMSGrad's max_exp_avg_sq, the v the denominator used
     exact: Tensor | None = None  # fused sums from the optimizer
-    shards: tuple[Any, tuple[int, ...]] | None = None  # DTensor: (mesh, sharded mesh dims)
+    step_after: Any = None
+    # for sharded.gather_samples_: the local sample rows, then the gathered ones
     sample: list[Tensor] | None = None
-    steps: Tensor | None = None
+    kinds: list[int] | None = None
+    k: int = 0
+
+    @property
+    def has_state(self) -> bool:
+        return self.m is not None
+
+    @property
+    def shards(self) -> tuple[Any, tuple[int, ...]] | None:
+        return self.entry.shards
+
+    @property
+    def sampler(self) -> Sampler:
+        return self.entry.sampler
 
 
 class _Hyper(NamedTuple):
@@ -208,7 +229,9 @@ class Monitor:
         self._loss_queue: list[tuple[int, list[Any]]] = []
         self._loss_stats = S.RollingStats(max(loss_window, 2), 2)
         self._last_loss: float | None = None
-        self._snapshot: list[_Snapshot] | None = None
+        self._snapshot: _Snapshot | None = None
+        self._layout: Layout | None = None
+        self._warned_unfused = False
         self._handles = [
             optimizer.register_step_pre_hook(self._pre_hook),
             optimizer.register_step_post_hook(self._post_hook),
@@ -256,19 +279,27 @@ class Monitor:
         if (self._calls + 1) % self.every:
             return
         has_closure = len(args) > 1 and args[1] is not None or kwargs.get("closure") is not None
-        if getattr(opt, "supports_fused_signals", False) is True:
+        fusing = getattr(opt, "supports_fused_signals", False) is True
+        if fusing:
             opt.fused_signals_request = True
-        snaps = []
-        for g, group in enumerate(opt.param_groups):
-            for i, p in enumerate(group["params"]):
-                if p.grad is None and not has_closure:
-                    continue
-                lp = _real(p)  # the local shard of a DTensor
-                stride = S.sample_stride(lp.numel())
-                st = opt.state.get(p)
-                step = _step_value(st and st.get("step"))
-                snaps.append(_Snapshot(p, g, i, stride, S.strided(lp, stride).clone(), step))
-        self._snapshot = snaps
+            opt.fused_signal_sums = None  # never read the sums of an earlier step
+        signature = Layout.signature_of(opt.param_groups, has_closure)
+        layout = self._layout
+        if layout is None or layout.signature != signature:
+            names = param_names(opt, self._names_arg)
+            layout = self._layout = Layout.build(signature, opt.param_groups, names)
+        states = opt.state
+        steps = []
+        for e in layout.entries:
+            st = states.get(e.param)
+            steps.append(st.get("step") if st else None)
+        with torch.no_grad():
+            # every param had a fused row last time: the optimizer's sums replace p0's sample
+            if fusing and layout.fused_last:
+                p0, p0_other = None, {}
+            else:
+                p0, p0_other = layout.sample_cats(), layout.sample_others()
+            self._snapshot = _Snapshot(layout, p0, p0_other, StepCounts(steps))
 
     def _post_hook(self, opt: Optimizer, args: tuple, kwargs: dict) -> None:
         self._calls += 1
@@ -277,12 +308,14 @@ class Monitor:
             self._pending_loss = []
         if self._snapshot is None:
             return
-        snaps, self._snapshot = self._snapshot, None
+        snap, self._snapshot = self._snapshot, None
         fused = None
         if getattr(opt, "fused_signals_request", False):
             opt.fused_signals_request = False
             fused = getattr(opt, "fused_signal_sums", None) or {}
-        record = self._measure(snaps, fused)
+            opt.fused_signal_sums = None
+        with torch.no_grad():
+            record = self._measure(snap, fused)
         losses = self._drain_losses()
         if losses:
             self._last_loss = losses[-1][1]
@@ -321,141 +354,218 @@ class Monitor:
             out.append((step, value))
         return out
 
-    def _measure(
-        self, snaps: list[_Snapshot], fused: dict[Tensor, Tensor] | None
-    ) -> dict[str, Any]:
+    def _measure(self, snap: _Snapshot, fused: dict[Tensor, Tensor] | None) -> dict[str, Any]:
         """Queue every tensor's reads, move the numbers to the host at once, assemble.
 
-        ``fused``: exact sums the optimizer computed inside its step, by param. The reads are
-        batched: one multi-tensor norm per (device, dtype) for the gradients, the first and
-        the second moments, one ``torch.cat`` of every sample per (device, dtype), one copy
-        to the host per device.
+        ``fused``: exact sums the optimizer computed inside its step, by param; such a row
+        needs only the sample of v (for the effective-lr percentiles). The others need their
+        exact norms (one multi-tensor norm per (device, dtype) for the gradients, the first
+        and the second moments) and the samples of p0, p1, m and v. Samples are gathered
+        with one ``torch.cat`` per (device, dtype), and everything reaches the host in one
+        copy per device.
         """
         opt = self.optimizer
-        names = param_names(opt, self._names_arg)
+        layout = snap.layout
         hyper = [_Hyper.of(group) for group in opt.param_groups]
         rows: list[_Row] = []
-        for snap in snaps:
-            p = snap.param
-            if p.grad is None:  # a guard took the gradients away for this step
+        row_of = np.full(len(layout.entries), -1, dtype=np.int64)
+        states = opt.state
+        for index, e in enumerate(layout.entries):
+            p = e.param
+            grad = p.grad
+            if grad is None:  # a guard took the gradients away for this step
                 continue
-            g, lp = _real(p.grad), _real(p)
-            row = _Row(
-                names[snap.group][snap.index],
-                snap.group,
-                tuple(p.shape),
-                p.numel() * (2 if p.is_complex() else 1),  # of the whole tensor, if sharded
-                refs={"grad": g, "param": lp},
-                shards=_shard_groups(p),
-            )
-            stride = snap.stride
-            row.sample = [snap.before, S.strided(lp, stride), S.strided(g, stride)]
-            st = read_state(opt, p)
-            if st is not None:
-                row.has_state = True
-                m, v = _real(st["exp_avg"]), _real(st["exp_avg_sq"])
-                row.refs.update(exp_avg=m, exp_avg_sq=v)
-                vmax = st.get("max_exp_avg_sq") if hyper[snap.group].amsgrad else None
-                v_used = v
-                if vmax is not None:
-                    row.refs["max_exp_avg_sq"] = v_used = _real(vmax)
-                row.sample += [S.strided(x, stride) for x in (m, v_used, v)]
-                step = _step_value(st["step"])
-                if isinstance(step, Tensor) or isinstance(snap.step_before, Tensor):
-                    before = 0.0 if snap.step_before is None else snap.step_before
-                    row.steps = torch.stack(
-                        [torch.as_tensor(x, dtype=torch.float64).to(g.device)
-                         for x in (step, before)]
-                    )  # fmt: skip
-                else:
-                    row.step_after, row.step_before = step, snap.step_before or 0.0
-                if fused is not None and p in fused:
-                    row.exact = fused[p].reshape(-1)
-            row.k, row.n_rows = row.sample[0].numel(), len(row.sample)
+            plain = e.plain
+            row = _Row(e, index, grad if plain else _real(grad), p if plain else _real(p))
+            st = states.get(p)
+            moments = _moments(opt, e, st)
+            if moments is not None:
+                m, v, vmax = moments
+                real = _same if plain else _real
+                row.m, row.v = real(m), real(v)
+                if vmax is not None and hyper[e.group].amsgrad:
+                    row.vmax = real(vmax)
+                row.step_after = st.get("step") if st else None
+                if fused:
+                    row.exact = fused.get(p)
+            row_of[index] = len(rows)
             rows.append(row)
-        transfer = _Transfer()
-        norm_handles = _squared_norms(rows, transfer)
-        sample_handles = transfer.add_many([row.sample for row in rows])
-        step_handles = [transfer.add(r.steps) if r.steps is not None else None for r in rows]
+        layout.fused_last = bool(fused) and all(row.exact is not None for row in rows)
+
+        transfer = Transfer()
+        samples = self._queue_samples(snap, rows, row_of)
+        k = np.array([row.entry.k for row in rows], dtype=np.int64)
+        samples.queue(transfer, k)
+        norm_batches = _squared_norms(rows, transfer)
+        before = snap.steps
+        before.queue(transfer)
+        after = StepCounts([row.step_after for row in rows])
+        after.queue(transfer)
         transfer.fetch()
+
         T = len(rows)
-        K = max((r.k for r in rows), default=1)
-        samples = np.full((T, len(S.SAMPLE_ROWS), K), np.nan)
-        scalars = np.zeros((T, 3))  # grad_sq, m_sq, v_sq
-        exact: dict[int, np.ndarray] = {}
+        sampled = np.zeros((T, len(S.SAMPLE_ROWS), max(k.max(initial=1), 1)))
+        samples.scatter(transfer, sampled)
+        norms = np.zeros((T, 3))  # grad_sq, m_sq, v_sq
+        exact = np.full((T, S.N_SUMS), np.nan)
+        c = S.COLUMNS
+        for idx, handle, fused_rows in norm_batches:
+            got = transfer.get(handle).reshape(len(idx), -1)
+            if fused_rows:
+                exact[idx] = got
+                got = got[:, [c.grad_sq, c.m_sq, c.v_sq]]
+            norms[idx, : got.shape[1]] = got
+        steps_before = before.read(transfer)[[row.index for row in rows]]
+        steps_after = after.read(transfer)
+        no_p0 = np.zeros(T, dtype=bool)
+        if snap.p0 is None:  # rows that moved without fused sums have no sample of p0
+            has_state = np.array([row.has_state for row in rows], dtype=bool)
+            unfused = np.array([row.exact is None for row in rows], dtype=bool)
+            no_p0 = unfused & has_state & (steps_after != steps_before)
+            if no_p0.any():
+                self._warn_unfused([rows[i].entry.name for i in np.flatnonzero(no_p0)])
+        nonfinite = self._nonfinite(rows, norms, sampled, exact)
+        return self._assemble(
+            rows, sampled, norms, exact, nonfinite, steps_before, steps_after, hyper, no_p0
+        )
+
+    @staticmethod
+    def _queue_samples(snap: _Snapshot, rows: list[_Row], row_of: np.ndarray) -> Samples:
+        """Queue the sample rows: p0 (from the snapshot), p1, m and v for rows measured from
+        their sample; only v for rows with fused sums. Sharded rows are gathered first, so
+        that every rank holds the full tensor's sample."""
+        R = ROW
+        samples = Samples()
+        layout = snap.layout
+        if snap.p0 is not None:
+            for idx, cat in snap.p0:
+                sizes = np.array([layout.entries[i].k for i in idx], dtype=np.int64)
+                samples.add_cat(list(row_of[idx]), R["p0"], cat, sizes)
+            if any(row.exact is None and row.entry.plain for row in rows):
+                for idx, cat in layout.sample_cats():
+                    sizes = np.array([layout.entries[i].k for i in idx], dtype=np.int64)
+                    samples.add_cat(list(row_of[idx]), R["p1"], cat, sizes)
+        other = set(layout.other)
+        gathered = []
         for i, row in enumerate(rows):
-            fused_row = row.exact is not None
-            row.sample = row.steps = row.exact = None
-            got = transfer.get(norm_handles[i])
-            if fused_row:
-                exact[i] = got
-                got = got[[S.COLUMNS.grad_sq, S.COLUMNS.m_sq, S.COLUMNS.v_sq]]
-            scalars[i, : got.size] = got
-            if step_handles[i] is not None:
-                row.step_after, row.step_before = transfer.get(step_handles[i]).tolist()
-            for j, handle in enumerate(sample_handles[i]):
-                samples[i, j, : row.k] = transfer.get(handle)
-        return self._assemble(rows, samples, scalars, exact, hyper)
+            e = row.entry
+            kinds: list[tuple[int, Tensor]] = []
+            if row.exact is None:
+                p0 = snap.p0_other.get(row.index)
+                if p0 is not None:
+                    kinds.append((R["p0"], p0))
+                if row.index in other or snap.p0 is None:
+                    kinds.append((R["p1"], e.view(row.param)))
+                if row.has_state:
+                    kinds.append((R["m"], e.view(row.m)))
+            if row.has_state:
+                kinds.append((R["v"], e.view(row.v if row.vmax is None else row.vmax)))
+            if e.sampler.shards is not None:
+                row.kinds = [j for j, _ in kinds]
+                row.sample = [t for _, t in kinds]
+                gathered.append(row)
+            else:
+                for j, t in kinds:
+                    samples.add(i, j, t)
+        if gathered:
+            gather_samples_(gathered)  # every rank gets the full tensor's sample
+            for row in gathered:
+                for j, t in zip(row.kinds, row.sample):
+                    samples.add(row_of[row.index], j, t)
+                row.sample = row.kinds = None
+        return samples
+
+    def _warn_unfused(self, names: list[str]) -> None:
+        if not self._warned_unfused:
+            self._warned_unfused = True
+            warnings.warn(
+                f"adamkit Monitor: the optimizer left no fused_signal_sums for "
+                f"{', '.join(names[:4])}{' and more' if len(names) > 4 else ''} after "
+                "providing them for every "
+                "param at the previous sampled step, so no sample of those params was taken "
+                "before this step: their log10_update_to_weight is None in this record",
+                RuntimeWarning,
+                stacklevel=4,
+            )
 
     def _assemble(
         self,
         rows: list[_Row],
         samples: np.ndarray,
-        scalars: np.ndarray,
-        exact: dict[int, np.ndarray],
+        norms: np.ndarray,
+        exact: np.ndarray,
+        nonfinite: np.ndarray,
+        steps_before: np.ndarray,
+        steps_after: np.ndarray,
         hyper: list[_Hyper],
+        no_p0: np.ndarray,
     ) -> dict[str, Any]:
         n_groups = len(self.optimizer.param_groups)
         T = len(rows)
-        group = np.array([r.group for r in rows], dtype=np.int64)
+        group = np.array([r.entry.group for r in rows], dtype=np.int64)
         has_state = np.array([r.has_state for r in rows], dtype=bool)
-        updated = np.array([r.has_state and r.step_after != r.step_before for r in rows])
-        h = [hyper[g] for g in group]
+        updated = has_state & (steps_after != steps_before)
+        numel = np.array([r.entry.numel for r in rows], dtype=np.int64)
+        table = np.array([(h.beta1, h.beta2, h.eps, h.lr) for h in hyper], dtype=np.float64)
+        beta1, beta2, eps, lr = table[group].T if T else np.zeros((4, 0))
         batch = S.SampleBatch(
             samples,
-            np.array([r.k for r in rows], dtype=np.int64),
-            np.array([r.numel for r in rows], dtype=np.int64),
-            updated.astype(bool),
-            np.array([r.step_after or 0.0 for r in rows], dtype=np.float64),
-            *(np.array([getattr(x, f) for x in h], dtype=np.float64)
-              for f in ("beta1", "beta2", "eps", "lr")),
-        )  # fmt: skip
-        sums, eff, weight = S.batch_sums(batch)
-        sums["grad_sq"], sums["m_sq"], sums["v_sq"] = scalars.T.copy()
-        sums["lag_grad_sq"] = np.where(updated, scalars[:, 0], 0.0)
-        for i, vec in exact.items():
-            one = {key: float(sums[key][i]) for key in S.ADDITIVE}
-            S.use_exact(one, vec)
-            for key, value in one.items():
-                sums[key][i] = value
-        quantiles = S.row_percentiles(eff)
+            np.array([r.entry.k for r in rows], dtype=np.int64),
+            numel,
+            updated,
+            steps_after,
+            beta1,
+            beta2,
+            eps,
+            lr,
+        )
+        fused = np.flatnonzero([r.exact is not None for r in rows])
+        sampled = None if not len(fused) else np.flatnonzero([r.exact is None for r in rows])
+        sums = S.batch_sums(batch, sampled)
+        sums["grad_sq"], sums["m_sq"], sums["v_sq"] = norms.T.copy()
+        sums["lag_grad_sq"] = np.where(updated, norms[:, 0], 0.0)
+        S.use_exact_rows(sums, fused, exact[fused], updated[fused])
+        if no_p0.any():  # sampled after the step only: the change of the param is unknown
+            sums["param_sq"][no_p0] = sums["delta_sq"][no_p0] = np.nan
+        eff, weight = S.effective_lrs(batch)
+        eff.sort(axis=1)  # NaN last; sorted rows make the scopes' percentiles cheap
+        quantiles = S.row_percentiles(eff, presorted=True)
         tensors: dict[str, dict[str, Any]] = {}
-        nonfinite = np.zeros((T, 3), dtype=np.int64)
-        for i, row in enumerate(rows):
-            one = {key: float(sums[key][i]) for key in S.ADDITIVE}
-            rec: dict[str, Any] = {"group": row.group, "shape": list(row.shape)}
-            rec.update(numel=row.numel, updated=bool(updated[i]))
+        signals = S.rows_to_signals(sums)
+        columns = {
+            "grad_norm": np.sqrt(sums["grad_sq"]).tolist(),
+            "grad_rms": np.sqrt(sums["grad_sq"] / np.maximum(numel, 1)).tolist(),
+            "exp_avg_norm": _where(has_state, np.sqrt(sums["m_sq"])),
+            "exp_avg_sq_norm": _where(has_state, np.sqrt(sums["v_sq"])),
+            **signals,
+            **{
+                f"eff_lr_p{q}": _where(~np.isnan(quantiles[:, j]), quantiles[:, j])
+                for j, q in enumerate(S.PERCENTILES)
+            },
+            **{key: nonfinite[:, j].tolist() for j, key in enumerate(_NONFINITE_KEYS)},
+        }
+        keys = list(columns)
+        opt_step = steps_after.astype(np.int64).tolist()
+        for i, values in enumerate(zip(*columns.values())):
+            row = rows[i]
+            rec: dict[str, Any] = {"group": row.entry.group, "shape": list(row.entry.shape)}
+            rec.update(numel=row.entry.numel, updated=bool(updated[i]))
             if row.has_state:
-                rec["opt_step"] = int(row.step_after)
-            rec.update(_norms(one, row.has_state, 1))
-            rec.update(S.sums_to_signals(one))
-            for q, x in zip(S.PERCENTILES, quantiles[i]):
-                rec[f"eff_lr_p{q}"] = None if np.isnan(x) else float(x)
-            counts = self._nonfinite(row, scalars[i], samples[i, : row.n_rows, : row.k])
-            rec.update(counts)
-            nonfinite[i] = [counts[k] for k in _NONFINITE_KEYS]
-            tensors[row.name] = rec
+                rec["opt_step"] = opt_step[i]
+            rec.update(zip(keys, values))
+            tensors[row.entry.name] = rec
+
+        table = np.stack([sums[key] for key in S.ADDITIVE])
 
         def scope(members: np.ndarray) -> dict[str, Any]:
-            one = {key: float(sums[key][members].sum()) for key in S.ADDITIVE}
+            one = dict(zip(S.ADDITIVE, table[:, members].sum(axis=1).tolist()))
             out: dict[str, Any] = {
                 "numel": int(one["numel"]),
                 "tensors": int(members.sum()),
                 "updated": int(one["updated"]),
             }
             if has_state[members].any():
-                out["opt_step"] = max(int(r.step_after) for r, m in zip(rows, members) if m
-                                      and r.has_state)  # fmt: skip
+                out["opt_step"] = int(steps_after[members & has_state].max())
             out.update(_norms(one, has_state[members].any(), members.sum()))
             out.update(S.sums_to_signals(one))
             qs = S.weighted_percentiles(eff, weight, members)
@@ -482,17 +592,82 @@ class Monitor:
         return record
 
     @staticmethod
-    def _nonfinite(row: _Row, norms: np.ndarray, sample: np.ndarray) -> dict[str, int]:
-        """Exact NaN/inf counts, taken (one more pass) only when a norm or the sample shows a
-        non-finite value."""
-        if np.isfinite(norms).all() and np.isfinite(sample).all():
-            return dict.fromkeys(_NONFINITE_KEYS, 0)
-        state = [row.refs[k] for k in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") if k in row.refs]
-        return {
-            "grad_nonfinite": int(S.nonfinite_count(row.refs["grad"])),
-            "state_nonfinite": int(S.nonfinite_count(*state)) if state else 0,
-            "param_nonfinite": int(S.nonfinite_count(row.refs["param"])),
-        }
+    def _nonfinite(
+        rows: list[_Row], norms: np.ndarray, samples: np.ndarray, exact: np.ndarray
+    ) -> np.ndarray:
+        """NaN/inf counts of g, the state and p1 by row ([T, 3]), counted (one more pass)
+        only for a row whose sums, norms or sample show a non-finite value.
+
+        Sharded rows add their shards' counts with an all-reduce. Their sums, norms and sample
+        are global, so every rank takes the same decision; a strided shard's sample is local,
+        so its counts are taken whenever it is measured from its sample.
+        """
+        fused = np.array([row.exact is not None for row in rows], dtype=bool)
+        finite = np.isfinite(norms).all(axis=1)
+        columns = [getattr(S.COLUMNS, key) for key in S.FINITE_SUMS]
+        finite[fused] &= np.isfinite(exact[fused][:, columns]).all(axis=1)
+        measured = np.flatnonzero(~fused)
+        finite[measured] &= np.isfinite(samples[measured]).all(axis=(1, 2))
+        local = [i for i in measured.tolist() if rows[i].sampler.shards is None and rows[i].shards]
+        finite[local] = False
+        out = np.zeros((len(rows), len(_NONFINITE_KEYS)), dtype=np.int64)
+        counts: dict[int, Tensor] = {}
+        for i in np.flatnonzero(~finite).tolist():
+            row = rows[i]
+            state = [t for t in (row.m, row.v, row.vmax) if t is not None]
+            grad = row.grad
+            counts[i] = torch.stack(
+                [
+                    S.nonfinite_count(grad),
+                    S.nonfinite_count(*state).to(grad.device)
+                    if state
+                    else grad.new_zeros((), dtype=torch.int64),
+                    S.nonfinite_count(row.param),
+                ]
+            ).to(torch.int64)
+        all_reduce_counts_(rows, counts)
+        for i, count in counts.items():
+            out[i] = count.cpu().numpy()
+        return out
+
+
+def _same(t: Tensor) -> Tensor:
+    return t
+
+
+def _moments(
+    opt: Optimizer, entry: Entry, stored: dict[str, Any] | None
+) -> tuple[Tensor, Tensor, Tensor | None] | None:
+    """(exp_avg, exp_avg_sq, max_exp_avg_sq or None) of ``entry``'s param as
+    :func:`read_state` gives them; None before the first step.
+
+    When ``decoded_state`` returned the stored tensors themselves (float state), they are
+    read from the state directly while they remain the stored ones: decoding costs a few
+    microseconds per param and call.
+    """
+    refs = entry.stored
+    if refs is not None and stored:
+        m, v, vmax = (stored.get(key) for key in MOMENT_KEYS)
+        if refs[0]() is m and refs[1]() is v and (refs[2]() if refs[2] else None) is vmax:
+            return m, v, vmax
+    entry.stored = None
+    st = read_state(opt, entry.param)
+    if st is None:
+        return None
+    m, v, vmax = (st.get(key) for key in MOMENT_KEYS)
+    if stored and all(x is stored.get(key) for x, key in zip((m, v, vmax), MOMENT_KEYS)):
+        entry.stored = tuple(None if x is None else weakref.ref(x) for x in (m, v, vmax))
+    return m, v, vmax
+
+
+def _real(t: Tensor) -> Tensor:
+    """The local shard (DTensor) as a real tensor, detached."""
+    return _local_real(t)
+
+
+def _where(ok: np.ndarray, values: np.ndarray) -> list[float | None]:
+    """``values`` as Python floats, None where not ``ok``."""
+    return [v if o else None for v, o in zip(values.tolist(), ok.tolist())]
 
 
 def _norms(sums: dict[str, float], has_state: bool, tensors: int) -> dict[str, float | None]:
@@ -504,81 +679,41 @@ def _norms(sums: dict[str, float], has_state: bool, tensors: int) -> dict[str, f
     }
 
 
-def _real(t: Tensor) -> Tensor:
-    """The local shard (DTensor) as a real tensor, detached."""
-    t = local(t.detach())
-    return torch.view_as_real(t) if t.is_complex() else t
-
-
-class _Transfer:
-    """Tensors to move to the host together: one ``torch.cat`` and one copy per device."""
-
-    def __init__(self) -> None:
-        self._parts: dict[torch.device, list[Tensor]] = {}
-        self._sizes: dict[torch.device, int] = {}
-        self._host: dict[torch.device, np.ndarray] = {}
-
-    def add(self, t: Tensor) -> tuple[torch.device, int, int]:
-        """Queue ``t`` (any shape and dtype); returns the handle of its values."""
-        dev, n = t.device, t.numel()
-        offset = self._sizes.get(dev, 0)
-        self._parts.setdefault(dev, []).append(t.reshape(-1).to(torch.float64))
-        self._sizes[dev] = offset + n
-        return dev, offset, n
-
-    def add_many(self, groups: list[list[Tensor]]) -> list[list[tuple]]:
-        """Queue many small 1-d tensors with one ``torch.cat`` per (device, dtype)."""
-        by_key: dict[tuple, list[tuple[int, int, Tensor]]] = {}
-        for i, tensors in enumerate(groups):
-            for j, t in enumerate(tensors):
-                by_key.setdefault((t.device, t.dtype), []).append((i, j, t))
-        out: list[list[tuple]] = [[None] * len(ts) for ts in groups]
-        for items in by_key.values():
-            dev, base, _ = self.add(torch.cat([t for _, _, t in items]))
-            for i, j, t in items:
-                out[i][j] = (dev, base, t.numel())
-                base += t.numel()
-        return out
-
-    def fetch(self) -> None:
-        self._host = {d: torch.cat(ps).cpu().numpy() for d, ps in self._parts.items()}
-        self._parts = {}
-
-    def get(self, handle: tuple[torch.device, int, int]) -> np.ndarray:
-        dev, offset, n = handle
-        return self._host[dev][offset : offset + n]
-
-
-def _squared_norms(rows: list[_Row], transfer: _Transfer) -> list[tuple]:
+def _squared_norms(rows: list[_Row], transfer: Transfer) -> list[tuple[list[int], tuple, bool]]:
     """Queue, for every row, sum(g^2) (and sum(m^2), sum(v^2) with state) or, when the
-    optimizer fused them, its exact sums; returns the handles by row.
+    optimizer fused them, its exact sums; returns (rows, handle, fused) by batch, the handle's
+    values being the rows' vectors end to end.
 
     Plain tensors: one multi-tensor norm per (device, compute dtype) and per kind. Sharded
     (DTensor) params: the sums of the local shards, added up over the shards with one
     all-reduce per layout.
     """
-    kinds = ("grad", "exp_avg", "exp_avg_sq")
-    out: list[tuple | None] = [None] * len(rows)
+    kinds = ("grad", "m", "v")
+    out = []
     batches: dict[tuple, list[int]] = {}
     for i, row in enumerate(rows):
-        n = S.N_SUMS if row.exact is not None else 3 if row.has_state else 1
-        dtype = compute_dtype(row.refs["grad"])
+        fused = row.exact is not None
+        n = S.N_SUMS if fused else 3 if row.has_state else 1
+        dtype = row.exact.dtype if fused else compute_dtype(row.grad)
         mesh, dims = row.shards if row.shards is not None else (None, ())
-        key = (row.refs["grad"].device, id(mesh), dims, n, dtype, row.exact is not None)
+        key = (row.grad.device, id(mesh), dims, n, dtype, fused)
         batches.setdefault(key, []).append(i)
     for (_, _, dims, n, dtype, fused), idx in batches.items():
         if fused:
-            stacked = torch.stack([rows[i].exact.to(dtype) for i in idx])
+            stacked = torch.stack([rows[i].exact.reshape(-1) for i in idx])
+            if stacked.shape[1] != S.N_SUMS:
+                raise ValueError(
+                    f"fused_signal_sums rows must have {S.N_SUMS} entries (the columns of "
+                    f"adamkit.diagnostics.signals.Sums), got {stacked.shape[1]}"
+                )
         else:
-            norms = [_tensor_norms([rows[i].refs[k] for i in idx], dtype) for k in kinds[:n]]
+            norms = [_tensor_norms([getattr(rows[i], k) for i in idx], dtype) for k in kinds[:n]]
             stacked = torch.stack(norms, dim=1).square()
         if dims:
             mesh = rows[idx[0]].shards[0]
             for d in dims:
                 torch.distributed.all_reduce(stacked, group=mesh.get_group(d))
-        dev, base, _ = transfer.add(stacked)
-        for j, i in enumerate(idx):
-            out[i] = (dev, base + j * n, n)
+        out.append((idx, transfer.add(stacked), fused))
     return out
 
 
@@ -591,15 +726,6 @@ def _tensor_norms(tensors: list[Tensor], dtype: torch.dtype) -> Tensor:
         except (RuntimeError, TypeError):  # an older signature or an unsupported layout
             pass
     return torch.stack([torch.linalg.vector_norm(t, dtype=dtype) for t in tensors])
-
-
-def _shard_groups(t: Tensor) -> tuple[Any, tuple[int, ...]] | None:
-    """(mesh, mesh dims) over which a DTensor is sharded: the sums of its local shards add up
-    over those dims. None for plain tensors and fully replicated DTensors."""
-    if not is_dtensor(t):
-        return None
-    dims = tuple(i for i, pl in enumerate(t.placements) if pl.is_shard())
-    return (t.device_mesh, dims) if dims else None
 
 
 def _is_pair_iterator(names: Any) -> bool:

@@ -48,7 +48,7 @@ synchronisation). The Monitor computes the same quantities without a copy of the
   ``exp_avg_norm``, ``exp_avg_sq_norm`` (a fourth power of the gradient scale: too
   heavy-tailed to estimate from a sample) and the non-finite counts of gradients and state;
 - from a strided sample of at most ``SAMPLE`` entries per tensor, taken from p before the step
-  and from p, g, m, v after it (every entry of a tensor of up to ``SAMPLE`` entries, so small
+  and from p, m, v after it (every entry of a tensor of up to ``SAMPLE`` entries, so small
   tensors are exact): the update signals, in float64 on the host (:func:`batch_sums`). Sums
   over the sample are scaled by n / (sample size), so tensors, groups and the model aggregate
   by addition. The stride is a prime, so the sample walks across a matrix's columns instead of
@@ -57,8 +57,9 @@ synchronisation). The Monitor computes the same quantities without a copy of the
   one; a NaN param entry that is not in the sample shows once it reaches the loss and the
   gradients, at the next sampled step.
 
-An executor that fuses the step can compute the exact sums inside its kernel
-(:func:`fused_sums`) and hand them over; see :mod:`adamkit.diagnostics.monitor`.
+An executor that fuses the step can compute the exact sums and counts inside its kernel
+(:func:`fused_sums`) and hand them over: then every signal but the effective-lr percentiles
+is exact; see :mod:`adamkit.diagnostics.monitor`.
 """
 
 from __future__ import annotations
@@ -158,11 +159,12 @@ def percentiles(
     if values.size == 0:
         return [math.nan] * len(q)
     frac = np.asarray(q, dtype=np.float64) / 100.0
+    # stable: a merge sort, fast on the sorted runs of weighted_percentiles
     if weights is None:
-        ordered = np.sort(values)
+        ordered = np.sort(values, kind="stable")
         cum = np.arange(1, values.size + 1, dtype=np.float64)
     else:
-        order = np.argsort(values)
+        order = np.argsort(values, kind="stable")
         ordered, cum = values[order], np.cumsum(np.asarray(weights, dtype=np.float64)[order])
     idx = np.searchsorted(cum, frac * cum[-1] * (1 - 1e-12), side="left")
     return [float(ordered[min(i, values.size - 1)]) for i in idx]
@@ -173,7 +175,16 @@ def percentiles(
 
 
 class Sums(NamedTuple):
-    """Columns of :func:`fused_sums`; additive over tensors."""
+    """Columns of :func:`fused_sums`; additive over tensors (and over the shards of one).
+
+    ``grad_sq`` and ``v_hat_sum`` are also the numerator and the denominator of
+    ``second_moment_lag``; ``active``, ``eps_count`` and ``large`` are the counts behind
+    ``eps_dominated_frac`` (eps_count / active) and ``large_update_frac`` (large / active).
+    No column counts non-finite entries: a sum of squares (or of v_hat >= 0) is finite exactly
+    when every term is, so ``grad_sq``, ``m_sq``, ``v_sq``, ``v_hat_sum`` (vmax with AMSGrad),
+    ``param_sq`` and ``delta_sq`` show whether g, m, v, vmax, p0 and p1 hold a NaN/inf, and
+    the Monitor counts them (one more pass) only then.
+    """
 
     grad_sq: int = 0  # sum g^2
     param_sq: int = 1  # sum p0^2
@@ -182,10 +193,15 @@ class Sums(NamedTuple):
     v_hat_sum: int = 4  # sum v_hat
     m_sq: int = 5  # sum m^2
     v_sq: int = 6  # sum v^2 (raw exp_avg_sq)
+    active: int = 7  # entries with v > 0
+    eps_count: int = 8  # entries with v > 0 and sqrt(v_hat) < eps
+    large: int = 9  # entries with v > 0 and |u| > LARGE_UPDATE
 
 
 COLUMNS = Sums()
 N_SUMS = len(COLUMNS)
+UPDATE_SUMS = ("param_sq", "delta_sq", "update_sq", "v_hat_sum", "active", "eps_count", "large")
+"""The columns of :func:`fused_sums` that describe the update: used when the step advanced."""
 
 
 def fused_sums(
@@ -199,18 +215,26 @@ def fused_sums(
     bias_correction2: Scalar,
     eps: Scalar,
 ) -> Tensor:
-    """The exact sums of one tensor, a vector indexed by :data:`COLUMNS`.
+    """The exact sums and counts of one tensor, a vector indexed by :data:`COLUMNS`.
 
-    Pure and functional (no in-place op, no host synchronisation), for an executor to call
-    inside its compiled step, where p0, p1, g, m and v are at hand and the reductions fuse
-    with the update's loop. Inputs are compute-dtype tensors of one shape; ``max_exp_avg_sq``
-    (AMSGrad) is the v the denominator used.
+    Pure and functional (no in-place op, no host synchronisation, no data-dependent branch),
+    for an executor to call inside its compiled step, where p0, p1, g, m and v are at hand and
+    the reductions fuse with the update's loop. Inputs are compute-dtype tensors of one shape;
+    ``max_exp_avg_sq`` (AMSGrad) is the v the denominator used, None without AMSGrad. The
+    vector has the inputs' dtype.
+
+    The counts are integer sums of per-entry 0/1 values (exact for any size; no boolean
+    tensor is stored once compiled), converted at the end: in float32 a count is exact up to
+    2^24 (16.8M) and within 6e-8 relative beyond. Integer sums are also cheaper than float
+    ones in inductor's CPU kernels, which sum floats in cascades.
     """
     v = exp_avg_sq if max_exp_avg_sq is None else max_exp_avg_sq
     v_hat = v / bias_correction2
-    u = rule.normalized_update(exp_avg, v, bias_correction1, bias_correction2, eps)
+    root = rule.corrected_root(v, bias_correction2)
+    u = (exp_avg / bias_correction1) / (root + eps)  # rule.normalized_update, root reused
     delta = param_after - param_before
-    return torch.stack(
+    active = v > 0
+    sums = torch.stack(
         [
             grad.square().sum(),
             param_before.square().sum(),
@@ -221,6 +245,19 @@ def fused_sums(
             exp_avg_sq.square().sum(),
         ]
     )
+    counts = torch.stack(
+        [
+            active.to(torch.int32).sum(),
+            (active & (root < eps)).to(torch.int32).sum(),
+            (active & (u.abs() > LARGE_UPDATE)).to(torch.int32).sum(),
+        ]
+    )
+    return torch.cat([sums, counts.to(sums.dtype)])
+
+
+FINITE_SUMS = ("grad_sq", "param_sq", "delta_sq", "update_sq", "v_hat_sum", "m_sq", "v_sq")
+"""Columns of :func:`fused_sums` that are finite exactly when g, p0, p1, m, v and vmax are
+(or when a huge finite value overflows a square: then a count finds nothing)."""
 
 
 def sample_stride(numel: int, budget: int = SAMPLE) -> int:
@@ -244,9 +281,9 @@ def strided(t: Tensor, stride: int) -> Tensor:
     return t.reshape(-1)[::stride]
 
 
-SAMPLE_ROWS = ("p0", "p1", "g", "m", "v", "v_raw")
-"""Rows of a tensor's sample: p before and after the step, g, m, the v the denominator used
-(vmax with AMSGrad) and the raw v."""
+SAMPLE_ROWS = ("p0", "p1", "m", "v")
+"""Rows of a tensor's sample: p before and after the step, m, and the v the denominator used
+(vmax with AMSGrad). The gradient and the raw v need no sample: their exact norms are taken."""
 
 UPDATE_SIGNALS = (
     "update_rms",
@@ -292,67 +329,104 @@ class SampleBatch(NamedTuple):
     lr: np.ndarray
 
 
-def batch_sums(b: SampleBatch) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
-    """Per-tensor sums (each an array of length T, sampled sums scaled by n / k) from a batch,
-    plus the effective lrs [T, K] (NaN where not an active, updated entry) and the weights n / k.
+def batch_sums(b: SampleBatch, rows: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """Per-tensor sums (each an array of length T; sampled sums scaled by n / k).
 
-    ``grad_sq``, ``m_sq``, ``v_sq`` are left at 0: the caller has them exactly.
+    Only the tensors ``rows`` (default: all) are summed from their samples; the sampled sums
+    of the others are left at 0, for exact ones (:func:`use_exact_rows`) to replace. The
+    exact ``grad_sq``, ``m_sq``, ``v_sq`` and ``lag_grad_sq`` are left at 0 for the caller.
     """
-    T, _, K = b.samples.shape
-    valid = np.arange(K)[None, :] < b.k[:, None]
-    upd = valid & b.updated[:, None]
-    w = b.numel / np.maximum(b.k, 1)
-    p0, p1, _g, m, v, _v_raw = (b.samples[:, i, :] for i in range(len(SAMPLE_ROWS)))
+    T = len(b.k)
+    sums = {key: np.zeros(T) for key in ADDITIVE}
+    sums.update(
+        numel=b.numel.astype(np.float64),
+        updated=b.updated.astype(np.float64),
+        updated_numel=np.where(b.updated, b.numel, 0).astype(np.float64),
+    )
+    if rows is None:
+        rows = slice(None)
+    elif not len(rows):
+        return sums
+    K = b.samples.shape[2]
+    k, upd = b.k[rows], b.updated[rows]
+    upd = (np.arange(K)[None, :] < k[:, None]) & upd[:, None]
+    w = b.numel[rows] / np.maximum(k, 1)
+    p0, p1, m, v = (b.samples[rows, i, :] for i in range(len(SAMPLE_ROWS)))
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        bc1 = (1 - b.beta1**b.step)[:, None]
-        bc2 = (1 - b.beta2**b.step)[:, None]
-        eps = b.eps[:, None]
-        v_hat = v / bc2
+        bc1 = (1 - b.beta1[rows] ** b.step[rows])[:, None]
+        bc2 = (1 - b.beta2[rows] ** b.step[rows])[:, None]
+        eps = b.eps[rows][:, None]
         root = rule.corrected_root(v, bc2)
-        u = rule.normalized_update(m, v, bc1, bc2, eps)
+        u = (m / bc1) / (root + eps)  # rule.normalized_update, root reused
         delta = p1 - p0
         active = upd & (root > 0)
 
-        def total(x: np.ndarray, where: np.ndarray = upd) -> np.ndarray:
-            return w * np.where(where, x, 0.0).sum(axis=1)
+        def total(x: np.ndarray) -> np.ndarray:
+            return w * np.where(upd, x, 0.0).sum(axis=1)
 
-        sums = {key: np.zeros(T) for key in ADDITIVE}
-        sums.update(
-            numel=b.numel.astype(np.float64),
-            updated=b.updated.astype(np.float64),
-            updated_numel=np.where(b.updated, b.numel, 0).astype(np.float64),
-            param_sq=total(p0 * p0),
-            delta_sq=total(delta * delta),
-            update_sq=total(u * u),
-            v_hat_sum=total(v_hat),
-            active=w * active.sum(axis=1),
-            eps_count=w * (active & (root < eps)).sum(axis=1),
-            large=w * (active & (np.abs(u) > LARGE_UPDATE)).sum(axis=1),
-        )
-        eff = np.where(active, b.lr[:, None] / (root + eps), np.nan)
-    return sums, eff, w
+        for key, value in (
+            ("param_sq", total(p0 * p0)),
+            ("delta_sq", total(delta * delta)),
+            ("update_sq", total(u * u)),
+            ("v_hat_sum", total(v / bc2)),
+            ("active", w * active.sum(axis=1)),
+            ("eps_count", w * (active & (root < eps)).sum(axis=1)),
+            ("large", w * (active & (np.abs(u) > LARGE_UPDATE)).sum(axis=1)),
+        ):
+            sums[key][rows] = value
+    return sums
+
+
+def effective_lrs(b: SampleBatch) -> tuple[np.ndarray, np.ndarray]:
+    """The effective lr lr / (sqrt(v_hat) + eps) of every sampled entry ([T, K], NaN where the
+    entry is not an active entry of an updated tensor) and the weight n / k of each tensor's
+    entries."""
+    K = b.samples.shape[2]
+    upd = (np.arange(K)[None, :] < b.k[:, None]) & b.updated[:, None]
+    v = b.samples[:, SAMPLE_ROWS.index("v"), :]
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        bc2 = (1 - b.beta2**b.step)[:, None]
+        root = rule.corrected_root(v, bc2)
+        eff = np.where(upd & (root > 0), b.lr[:, None] / (root + b.eps[:, None]), np.nan)
+    return eff, b.numel / np.maximum(b.k, 1)
+
+
+def rows_to_signals(s: dict[str, np.ndarray]) -> dict[str, list[float | None]]:
+    """The update signals of many tensors (or scopes) from their sums (arrays, one entry per
+    tensor), as lists of Python floats; None where undefined: every signal of a tensor that
+    was not updated, the update-to-weight ratio where p0 is zero (or unknown), the lag where
+    sum(v_hat) is 0. Fractions of a tensor without active entries are 0."""
+    updated = np.asarray(s["updated"]) > 0
+    active, param_sq, v_hat_sum = s["active"], s["param_sq"], s["v_hat_sum"]
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        values = {
+            "update_rms": (np.sqrt(s["update_sq"] / s["updated_numel"]), updated),
+            "log10_update_to_weight": (
+                0.5 * np.log10(s["delta_sq"] / param_sq),
+                updated & (param_sq > 0),
+            ),
+            "eps_dominated_frac": (np.where(active != 0, s["eps_count"] / active, 0.0), updated),
+            "large_update_frac": (np.where(active != 0, s["large"] / active, 0.0), updated),
+            "second_moment_lag": (s["lag_grad_sq"] / v_hat_sum, updated & (v_hat_sum != 0)),
+        }
+    return {
+        key: [x if ok else None for x, ok in zip(v.tolist(), mask.tolist())]
+        for key, (v, mask) in values.items()
+    }
 
 
 def sums_to_signals(s: dict[str, float]) -> dict[str, float | None]:
     """The update signals from (per-tensor or added-up) sums; None where undefined."""
-    if not s["updated"]:
-        return dict.fromkeys(UPDATE_SIGNALS[:5])
-    with np.errstate(divide="ignore", invalid="ignore"):
-        log_ratio = 0.5 * np.log10(s["delta_sq"] / s["param_sq"])
-    active = s["active"]
-    return {
-        "update_rms": math.sqrt(s["update_sq"] / s["updated_numel"]),
-        "log10_update_to_weight": float(log_ratio) if s["param_sq"] > 0 else None,
-        "eps_dominated_frac": float(s["eps_count"] / active) if active else 0.0,
-        "large_update_frac": float(s["large"] / active) if active else 0.0,
-        "second_moment_lag": float(s["lag_grad_sq"] / s["v_hat_sum"]) if s["v_hat_sum"] else None,
-    }
+    out = rows_to_signals({key: np.array([float(s[key])]) for key in ADDITIVE})
+    return {key: value[0] for key, value in out.items()}
 
 
-def row_percentiles(eff: np.ndarray, q: Sequence[float] = PERCENTILES) -> np.ndarray:
+def row_percentiles(
+    eff: np.ndarray, q: Sequence[float] = PERCENTILES, *, presorted: bool = False
+) -> np.ndarray:
     """Nearest-rank percentiles of each row of ``eff`` over its non-NaN entries ([T, len(q)],
-    NaN for a row without any)."""
-    ordered = np.sort(eff, axis=1)  # NaN last
+    NaN for a row without any). ``presorted``: each row is sorted already, NaN last."""
+    ordered = eff if presorted else np.sort(eff, axis=1)  # NaN last
     count = np.count_nonzero(~np.isnan(eff), axis=1)
     out = np.full((eff.shape[0], len(q)), np.nan)
     for j, frac in enumerate(np.asarray(q, dtype=np.float64) / 100.0):
@@ -362,16 +436,74 @@ def row_percentiles(eff: np.ndarray, q: Sequence[float] = PERCENTILES) -> np.nda
     return out
 
 
-def weighted_percentiles(eff: np.ndarray, w: np.ndarray, rows: np.ndarray) -> list[float | None]:
+def weighted_percentiles(
+    eff: np.ndarray,
+    w: np.ndarray,
+    rows: np.ndarray,
+    q: Sequence[float] = PERCENTILES,
+    *,
+    presorted: bool = False,
+) -> list[float | None]:
     """Nearest-rank percentiles over the non-NaN entries of ``eff[rows]``, entry (i, j)
-    standing for ``w[i]`` entries of its tensor."""
-    sub = eff[rows]
-    keep = ~np.isnan(sub)
-    if not keep.any():
-        return [None] * len(PERCENTILES)
-    weights = np.broadcast_to(w[rows][:, None], sub.shape)[keep]
-    uniform = np.all(weights == weights[0])
-    return percentiles(sub[keep], PERCENTILES, None if uniform else weights)
+    standing for ``w[i]`` entries of its tensor (:func:`percentiles` of all of them, which it
+    equals, without sorting them all). ``presorted``: each row is sorted already, NaN last.
+
+    Each row's every ``s``-th entry, standing for ``s`` entries, gives a coarse cumulative
+    weight, within ``sum((s - 1) * w)`` of the exact one; it brackets each percentile between
+    two values ``lo < x <= hi`` whose exact cumulative weights (one comparison pass) straddle
+    the target; only the entries in between are sorted. A bracket that does not hold (it
+    always should) falls back to sorting everything.
+    """
+    sub = eff[rows] if presorted else np.sort(eff[rows], axis=1)
+    weight = np.asarray(w, dtype=np.float64)[rows]
+    counts = np.count_nonzero(~np.isnan(sub), axis=1)
+    n = int(counts.sum())
+    if n == 0:
+        return [None] * len(q)
+
+    def reference() -> list[float | None]:
+        keep = ~np.isnan(sub)
+        weights = np.broadcast_to(weight[:, None], sub.shape)[keep]
+        uniform = np.all(weights == weights[0])
+        return percentiles(sub[keep], q, None if uniform else weights)
+
+    step = 8
+    if n <= 4096:
+        return reference()
+    coarse = sub[:, ::step]
+    valid = ~np.isnan(coarse)
+    z = coarse[valid]
+    order = np.argsort(z, kind="stable")
+    z = z[order]
+    zcum = np.cumsum(np.broadcast_to(step * weight[:, None], coarse.shape)[valid][order])
+    total = float((weight * counts).sum())
+    slack = float(((step - 1) * weight).sum())
+    targets = np.asarray(q, dtype=np.float64) / 100.0 * total * (1 - 1e-12)
+    first = np.minimum(np.searchsorted(zcum, targets, side="left"), z.size - 1)
+    below = np.searchsorted(z, z[first], side="left") - 1  # the last value < z[first]
+    lo = np.where(below >= 0, z[np.maximum(below, 0)], -np.inf)
+    above = np.searchsorted(zcum, targets + slack, side="left")
+    hi = np.where(above < z.size, z[np.minimum(above, z.size - 1)], np.inf)
+    # exact cumulative weights at the bracket ends: sum_i w_i #{entries of row i <= x}
+    # rows are sorted: the entries of row i that are <= x are its first c_i(x)
+    ends = np.concatenate([lo, hi])
+    c_lo, c_hi = np.split(np.count_nonzero(sub[None] <= ends[:, None, None], axis=2), 2)
+    at_lo, at_hi = c_lo @ weight, c_hi @ weight  # exact cumulative weights at the ends
+    if not ((at_lo < targets).all() and (at_hi >= targets).all()):
+        return reference()
+    K = sub.shape[1]
+    out: list[float | None] = []
+    for target, base, first_i, end_i in zip(targets, at_lo, c_lo, c_hi):
+        lengths = end_i - first_i  # row i's entries in (lo, hi]: first_i[i] .. end_i[i] - 1
+        starts = np.arange(len(lengths)) * K + first_i
+        offsets = np.cumsum(lengths) - lengths
+        flat = np.repeat(starts - offsets, lengths) + np.arange(lengths.sum())
+        values = sub.reshape(-1)[flat]
+        order = np.argsort(values, kind="stable")
+        cum = base + np.cumsum(np.repeat(weight, lengths)[order])
+        i = int(np.searchsorted(cum, target, side="left"))
+        out.append(float(values[order[min(i, values.size - 1)]]))
+    return out
 
 
 def tensor_signals(
@@ -388,16 +520,19 @@ def tensor_signals(
     lr: float,
     exact: np.ndarray | None = None,
 ) -> dict[str, float | None]:
-    """Every signal of one updated tensor from its sample rows (:data:`SAMPLE_ROWS`) and its
-    exact sums of squares; with ``exact`` (a :func:`fused_sums` vector) the sums are exact."""
+    """Every signal of one updated tensor from its sample rows p0, p1, g, m, v, v_raw (g and
+    v_raw are not read) and its exact sums of squares; with ``exact`` (a :func:`fused_sums`
+    vector) every sum is exact and only the percentiles come from the sample."""
+    rows = np.asarray(rows, dtype=np.float64)
     batch = SampleBatch(
-        np.asarray(rows, dtype=np.float64)[None],
-        np.array([np.shape(rows)[1]]),
+        rows[None, [0, 1, 3, 4]],
+        np.array([rows.shape[1]]),
         np.array([numel]),
         np.array([True]),
         *(np.array([x], dtype=np.float64) for x in (step, beta1, beta2, eps, lr)),
     )
-    sums, eff, _ = batch_sums(batch)
+    sums = batch_sums(batch)
+    eff, _ = effective_lrs(batch)
     one = {key: float(value[0]) for key, value in sums.items()}
     one.update(grad_sq=grad_sq, lag_grad_sq=grad_sq, m_sq=m_sq, v_sq=v_sq)
     if exact is not None:
@@ -415,12 +550,32 @@ def tensor_signals(
 
 def use_exact(sums: dict[str, float], exact: np.ndarray) -> None:
     """Replace one tensor's sums by exact ones (a row of :func:`fused_sums`)."""
+    use_exact_rows(sums, np.array([0]), np.asarray(exact).reshape(1, -1), None)
+
+
+def use_exact_rows(
+    sums: dict, rows: np.ndarray, exact: np.ndarray, updated: np.ndarray | None
+) -> None:
+    """Replace the sums of tensors ``rows`` by exact ones (``exact``: their rows of
+    :func:`fused_sums`, [len(rows), N_SUMS]). ``sums`` holds arrays indexed by tensor, or
+    floats of one tensor (``rows = [0]``); ``updated``: whether each of ``rows`` advanced
+    (None: from ``sums``)."""
     c = COLUMNS
-    sums["grad_sq"] = sums["lag_grad_sq"] = float(exact[c.grad_sq])
-    sums["m_sq"], sums["v_sq"] = float(exact[c.m_sq]), float(exact[c.v_sq])
-    if sums["updated"]:
-        for key in ("param_sq", "delta_sq", "update_sq", "v_hat_sum"):
-            sums[key] = float(exact[getattr(c, key)])
+    scalar = not isinstance(sums["grad_sq"], np.ndarray)
+    if scalar:
+        work = {key: np.array([float(value)]) for key, value in sums.items()}
+    else:
+        work = sums
+    if updated is None:
+        updated = np.asarray(work["updated"])[rows] > 0
+    work["grad_sq"][rows] = exact[:, c.grad_sq]
+    work["m_sq"][rows], work["v_sq"][rows] = exact[:, c.m_sq], exact[:, c.v_sq]
+    work["lag_grad_sq"][rows] = np.where(updated, exact[:, c.grad_sq], 0.0)
+    moved = rows[updated]
+    for key in UPDATE_SUMS:
+        work[key][moved] = exact[updated, getattr(c, key)]
+    if scalar:
+        sums.update({key: float(value[0]) for key, value in work.items()})
 
 
 # ---------------------------------------------------------------------------------------------
