@@ -386,11 +386,17 @@ class Adam(Optimizer):
             signals,
         )
 
+    fused_signals = False
+    """Offer a Monitor exact signal sums from the compiled kernels on its sampled steps. Off by
+    default: measured on 16.8M params in 35 tensors, a step through the signal kernels took
+    2.7x a plain step (inductor emits the sums as separate reduction loops over the tensors),
+    more than the Monitor's own batched sampling costs (docs/benchmarks.md)."""
+
     @property
     def supports_fused_signals(self) -> bool:
         """Whether a Monitor's sampled step gets exact signal sums from the compiled kernels
         (``fused_signal_sums``, by param; see :mod:`adamkit.diagnostics.monitor`)."""
-        return getattr(self, "backend", "auto") != "eager"
+        return bool(self.fused_signals) and getattr(self, "backend", "auto") != "eager"
 
     @staticmethod
     def _device_scalars_fn(group: dict[str, Any]) -> Callable[[Tensor], StepScalars]:
