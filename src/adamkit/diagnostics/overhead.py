@@ -2,7 +2,10 @@
 
 ``measure()`` times ``optimizer.step()`` on fixed gradients, plain and with a Monitor sampling
 every ``k`` steps, interleaving the configurations and keeping the fastest of ``repeats`` runs
-(interference from other processes only ever adds time). ``adamkit bench --monitor`` calls it.
+(interference from other processes only ever adds time). Each run attaches a new Monitor and
+lets it take one sampled step untimed first, so that what is timed is the steady state of a
+long run (its first sampled step also builds its layout of the params). ``adamkit bench
+--monitor`` calls it.
 """
 
 from __future__ import annotations
@@ -116,6 +119,9 @@ def measure(
     for _ in range(repeats):
         for c in configs:
             mon = _TimedMonitor(opt, every=c, **kwargs) if c else None
+            if mon:  # steady state, as in a run: the Monitor has seen one sampled step
+                _time_steps(opt, c, sync)
+                mon.hook_s = 0.0
             times[c].append(_time_steps(opt, steps, sync))
             if mon:
                 mon.close()
