@@ -30,7 +30,7 @@ from torch import nn
 IN, HIDDEN, OUT = 40, 120, 35
 BATCH = 8  # global batch, split evenly over 1, 2 or 4 ranks
 STATE_DTYPES = (None, "float32", "bfloat16", "int8", "int4")
-COMPILED_DTYPES = ("float32", "int8")  # FSDP2 with backend="compiled" (kernels compile per rank)
+COMPILED_DTYPES = ("float32", "bfloat16", "int8", "int4")  # FSDP2 with backend="compiled"
 HPARAMS = {"lr": 1e-2, "betas": (0.9, 0.99), "weight_decay": 0.1}
 RESUME_STEP = 3  # the checkpoint tests save after this many steps
 
@@ -416,6 +416,34 @@ def fresh_fsdp2(state_dtype):
     return model, make_adamkit(model.parameters(), state_dtype)
 
 
+def save_resume_round_trip(
+    model, opt, fresh, step, state_dtype, path: Path, after: int, rank: int, world: int
+) -> dict:
+    """Train RESUME_STEP steps with ``step``, save a DCP checkpoint to ``path``, train
+    ``after`` more (uninterrupted); load into ``fresh(state_dtype)`` and train the same steps
+    (resumed). Results keyed (what, state_dtype)."""
+    out = {}
+    for s in range(RESUME_STEP):
+        step(model, opt, s, rank, world)
+    save_checkpoint(model, opt, path)
+    saved_local = local_state(model, opt)
+    out["saved", state_dtype] = snapshot(model, opt)
+    for s in range(RESUME_STEP, RESUME_STEP + after):
+        step(model, opt, s, rank, world)
+    out["uninterrupted", state_dtype] = snapshot(model, opt)
+    model, opt = fresh(state_dtype)
+    load_checkpoint(model, opt, path)
+    loaded_local = local_state(model, opt)
+    out["same-local-state", state_dtype] = sorted(saved_local) == sorted(loaded_local) and all(
+        torch.equal(saved_local[k], loaded_local[k]) for k in saved_local
+    )
+    out["local-keys", state_dtype] = sorted({k for _, k in saved_local})
+    for s in range(RESUME_STEP, RESUME_STEP + after):
+        step(model, opt, s, rank, world)
+    out["resumed", state_dtype] = snapshot(model, opt)
+    return out
+
+
 def scenario_dcp_save(outdir: Path, after: str) -> None:
     """Per state_dtype: train RESUME_STEP steps, save a DCP checkpoint, train ``after`` more;
     then load the checkpoint into a fresh model and optimizer and train the same steps."""
@@ -424,25 +452,12 @@ def scenario_dcp_save(outdir: Path, after: str) -> None:
     for state_dtype in STATE_DTYPES:
         model = fsdp2(make_model())
         opt = make_adamkit(model.parameters(), state_dtype)
-        for s in range(RESUME_STEP):
-            train_step(model, opt, s, rank, world)
-        save_checkpoint(model, opt, outdir / f"ckpt-{state_dtype}")
-        saved_local = local_state(model, opt)
-        results["saved", state_dtype] = snapshot(model, opt)
-        for s in range(RESUME_STEP, RESUME_STEP + int(after)):
-            train_step(model, opt, s, rank, world)
-        results["uninterrupted", state_dtype] = snapshot(model, opt)
-
-        model, opt = fresh_fsdp2(state_dtype)
-        load_checkpoint(model, opt, outdir / f"ckpt-{state_dtype}")
-        loaded_local = local_state(model, opt)
-        results["same-local-state", state_dtype] = sorted(saved_local) == sorted(
-            loaded_local
-        ) and all(torch.equal(saved_local[k], loaded_local[k]) for k in saved_local)
-        results["local-keys", state_dtype] = sorted({k for _, k in saved_local})
-        for s in range(RESUME_STEP, RESUME_STEP + int(after)):
-            train_step(model, opt, s, rank, world)
-        results["resumed", state_dtype] = snapshot(model, opt)
+        results.update(
+            save_resume_round_trip(
+                model, opt, fresh_fsdp2, train_step, state_dtype,
+                outdir / f"ckpt-{state_dtype}", int(after), rank, world,
+            )
+        )  # fmt: skip
     torch.save(results, outdir / f"dcp-save-rank{rank}.pt")
     dist.destroy_process_group()
 
@@ -567,24 +582,12 @@ def scenario_dcp_compact_save(outdir: Path, after: str) -> None:
     for state_dtype in COMPACT_DTYPES:
         model = fsdp2(make_wide_model())
         opt = make_adamkit(model.parameters(), state_dtype)
-        for s in range(RESUME_STEP):
-            wide_step(model, opt, s, rank, world)
-        save_checkpoint(model, opt, outdir / f"wide-{state_dtype}")
-        saved_local = local_state(model, opt)
-        results["saved", state_dtype] = snapshot(model, opt)
-        for s in range(RESUME_STEP, RESUME_STEP + int(after)):
-            wide_step(model, opt, s, rank, world)
-        results["uninterrupted", state_dtype] = snapshot(model, opt)
-
-        model, opt = fresh_wide(state_dtype)
-        load_checkpoint(model, opt, outdir / f"wide-{state_dtype}")
-        loaded_local = local_state(model, opt)
-        results["same-local-state", state_dtype] = sorted(saved_local) == sorted(
-            loaded_local
-        ) and all(torch.equal(saved_local[k], loaded_local[k]) for k in saved_local)
-        for s in range(RESUME_STEP, RESUME_STEP + int(after)):
-            wide_step(model, opt, s, rank, world)
-        results["resumed", state_dtype] = snapshot(model, opt)
+        results.update(
+            save_resume_round_trip(
+                model, opt, fresh_wide, wide_step, state_dtype,
+                outdir / f"wide-{state_dtype}", int(after), rank, world,
+            )
+        )  # fmt: skip
     # checkpoints in the decoded form: of torch.optim.AdamW, and of an adamkit int8 optimizer
     # that presents everything decoded (as adamkit did before the compact form)
     import adamkit.distributed

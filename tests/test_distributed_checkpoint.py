@@ -58,12 +58,16 @@ def assert_equal(got: dict, want: dict) -> None:
             assert torch.equal(got[key][name], want[key][name]), (key, name)
 
 
-@pytest.mark.parametrize("state_dtype", W.STATE_DTYPES)
-def test_same_world_size_resume_is_bitwise(saved, state_dtype) -> None:
-    _, ranks = saved
+def assert_bitwise_resume(ranks: list[dict], state_dtype) -> None:
     for r in ranks:
         assert r["same-local-state", state_dtype]  # codes, scales, moments, steps
         assert_equal(r["resumed", state_dtype], r["uninterrupted", state_dtype])
+
+
+@pytest.mark.parametrize("state_dtype", W.STATE_DTYPES)
+def test_same_world_size_resume_is_bitwise(saved, state_dtype) -> None:
+    _, ranks = saved
+    assert_bitwise_resume(ranks, state_dtype)
     codes = any(k.endswith("_codes") for k in ranks[0]["local-keys", state_dtype])
     assert codes == (state_dtype in QUANTISED)
 
@@ -232,9 +236,7 @@ def test_checkpoint_holds_codes_where_rows_are_whole_blocks(compact_saved, state
 @pytest.mark.parametrize("state_dtype", W.COMPACT_DTYPES)
 def test_compact_resume_is_bitwise(compact_saved, state_dtype) -> None:
     _, ranks = compact_saved
-    for r in ranks:
-        assert r["same-local-state", state_dtype]  # codes, scales, moments, steps
-        assert_equal(r["resumed", state_dtype], r["uninterrupted", state_dtype])
+    assert_bitwise_resume(ranks, state_dtype)
 
 
 @pytest.mark.parametrize("state_dtype", W.COMPACT_DTYPES)

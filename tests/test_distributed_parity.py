@@ -209,11 +209,28 @@ def compiled_runs(tmp_path_factory) -> list[dict]:
 @pytest.mark.parametrize("state_dtype", W.COMPILED_DTYPES)
 def test_fsdp2_compiled_backend_steps_local_shards_like_eager(compiled_runs, state_dtype) -> None:
     """backend="compiled" steps FSDP2's local shards in its kernels (no eager fallback), with
-    the random streams keyed by global element index: the eager FSDP2 run to fp32 rounding."""
+    the random streams keyed by global element index: the eager FSDP2 run up to fp32
+    rounding. fp32 state: within 2e-6. Stochastically rounded formats: a value within an ulp of
+    a rounding decision may go the other way (as in tests/test_compiled.py's lean-state test),
+    leaving a moment entry one step of its format apart and moving its param slightly in the
+    next steps, and a moment one ulp apart stays apart (bf16: seen on 1.2% of the entries
+    after 20 steps). So: params within 1e-4, at most 5% of moment entries off by more than
+    2e-6, none by more than one step of the format (a wrong kernel moves most entries by more).
+    """
+    level = {"bfloat16": 2.0**-7, "int8": 4.0 / 127, "int4": 0.5}.get(state_dtype)
     for rank_result in compiled_runs:
         ours = rank_result["compiled", state_dtype]
         assert ours["uncompiled"] == 0 and ours["compiled"] == 4
         eager = rank_result["eager", state_dtype]
-        for key in ("param", "exp_avg", "exp_avg_sq"):
+        for name in eager["param"]:
+            tol = 2e-6 if level is None else 1e-4
+            assert rel(ours["param"][name], eager["param"][name]) <= tol, name
+        for key in ("exp_avg", "exp_avg_sq"):
             for name in eager[key]:
-                assert rel(ours[key][name], eager[key][name]) <= 2e-6, (key, name)
+                want, have = eager[key][name].float(), ours[key][name].float()
+                if level is None:
+                    assert rel(have, want) <= 2e-6, (key, name)
+                    continue
+                diff = (have - want).abs() / want.abs().max().clamp_min(1e-30)
+                off = (diff > 2e-6).float().mean().item()
+                assert off <= 0.05 and diff.max() <= level, (key, name, off)
