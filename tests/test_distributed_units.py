@@ -20,14 +20,15 @@ import adamkit
 from adamkit.distributed import encode_nearest_
 from adamkit.storage import blockwise
 from adamkit.storage.quantized import BlockwiseCodec
-from adamkit.storage.rounding import ShardKey, stream_uniform, uniform
+from adamkit.storage.rounding import ShardKey, hash32, stream_uniform
 
 
-def test_uniform_from_a_start_index_is_a_slice_of_the_whole() -> None:
-    whole = uniform(1000, 12345)
-    assert torch.equal(uniform(300, 12345, start=200), whole[200:500])
+def test_hashes_from_a_start_index_are_a_slice_of_the_whole() -> None:
+    whole = hash32(1000, 12345)
+    assert torch.equal(hash32(300, 12345, start=200), whole[200:500])
+    assert torch.equal(hash32(300, 12345, start=torch.tensor(200)), whole[200:500])  # 0-d
     index = torch.tensor([[5, 7], [999, 0]])
-    assert torch.equal(uniform(4, 12345, start=index), whole[index.reshape(-1)])
+    assert torch.equal(hash32(4, 12345, start=index), whole[index.reshape(-1)])
 
 
 @pytest.mark.parametrize("stream", ["exp_avg", "exp_avg_sq", "param"])

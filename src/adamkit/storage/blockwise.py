@@ -110,10 +110,10 @@ def quantize(
     ``blocks`` (default: as few as hold ``x``) is the number of blocks to produce.
     """
     count = num_blocks(x.shape[0], block) if blocks is None else blocks
-    blocks = _pad_to_blocks(x.float(), block, count)
-    absmax = blocks.abs().amax(dim=1)
+    rows = _pad_to_blocks(x.float(), block, count)
+    absmax = rows.abs().amax(dim=1)
     safe = torch.where(absmax > 0, absmax, torch.ones_like(absmax))
-    normed = (blocks / safe[:, None]).clamp(-1.0, 1.0)
+    normed = (rows / safe[:, None]).clamp(-1.0, 1.0)
     u = None if noise is None else _pad_to_blocks(noise, block, count)
     if signed:
         q_max = 2 ** (bits - 1) - 1
