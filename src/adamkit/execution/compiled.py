@@ -213,12 +213,13 @@ class CompiledExecutor:
         plan.stage_in(grads)
         for k, call in enumerate(calls):
             args = call.args
-            for pos, i, numel in call.grad_slots:
+            for pos, i, numel, row in call.grad_slots:
                 g = grads[i]
                 if type(g) is not Tensor:
                     g = local_grad(plan.params[i], g)  # FSDP2: the local shard
                 g = g if g.dim() == 1 else g.ravel()  # 1-d (a view): see Kernel.arguments
-                args[pos] = g if numel is None else g.narrow(0, 0, numel)
+                g = g if numel is None else g.narrow(0, 0, numel)
+                args[pos] = g.view(-1, row) if row else g  # block-wise: rows of whole blocks
             try:
                 out = call.kernel.fn(*args)
                 if betas is not None:
@@ -233,7 +234,7 @@ class CompiledExecutor:
                 self._give_up(plan, call.kernel, err)
                 break
             finally:
-                for pos, _, _ in call.grad_slots:
+                for pos, *_ in call.grad_slots:
                     args[pos] = None  # do not keep the grads alive
         plan.stage_out()
         if rest and plan.device_scalars is not None:

@@ -105,6 +105,7 @@ class _Slot:
     start: int  # index of the slot's first element in the param (random streams)
     valid: int  # elements that are the param's (the rest of a staging block is padding)
     grad_numel: int | None  # the grad's leading elements to pass; None: the whole grad (1-d)
+    # (for a block-wise codec, passed as rows of ``param.shape[1]``)
     staged: tuple[int, int] | None  # (offset, length) of a tail copied through staging
 
 
@@ -112,7 +113,8 @@ class _Slot:
 class _Call:
     kernel: Kernel
     args: list
-    grad_slots: list[tuple[int, int, int | None]]  # (position in args, plan index, numel)
+    # (position in args, plan index, numel, row length: 0 for 1-d)
+    grad_slots: list[tuple[int, int, int | None, int]]
     members: list[int]  # indices of the params in the plan, slot by slot
     inputs: dict  # the traced function's inputs (to build the signals variant of the call)
     slots: list  # the _Slot of each member
@@ -121,7 +123,7 @@ class _Call:
     def build(kernel: Kernel, inputs: dict, chunk: list) -> _Call:
         args, positions = kernel.arguments(inputs)
         grad_slots = [
-            (pos, chunk[k].index, chunk[k].grad_numel)
+            (pos, chunk[k].index, chunk[k].grad_numel, block_of(kernel.spec.codec))
             for pos, k in positions
             if k < len(chunk) and chunk[k].staged is None
         ]
@@ -231,30 +233,39 @@ class GroupPlan:
     def _slots(self, i: int, codec) -> list[_Slot]:
         """The kernel slots of param ``i``: the param itself, or for a block-wise codec and a
         size that is no whole number of blocks, its whole blocks (views) and its last, partial
-        block (stepped in a zero-padded staging block, copied in and out around the kernels)."""
-        # 1-d views throughout: the kernels read sizes that are no graph input as size(0)
+        block (stepped in a zero-padded staging block, copied in and out around the kernels).
+
+        Float codecs get 1-d views (the kernels read sizes that are no graph input as
+        ``size(0)``). Block-wise codecs get ``[blocks, block]`` rows of the param and
+        ``[blocks, bytes per block]`` rows of the codes (scales stay 1-d): a block's scale and
+        its codes are then computed in one outer loop over rows.
+        """
         param = local(self.params[i]).view(-1)
         base = shard_start(self.params[i]) if is_dtensor(self.params[i]) else 0
         state = {name: t.view(-1) for name, t in self._moments(i).items()}
         n = param.numel()
         block = block_of(codec)
-        if not block or n % block == 0:
+        if not block:
             return [_Slot(i, param, state, n, base, n, None, None)]
-        main = n - n % block
-        blocks = main // block
-        per_block = {name: t.numel() // (blocks + 1) for name, t in state.items()}  # codes, scales
+        blocks, rem = divmod(n, block)
+        total = blocks + (rem > 0)
+        per_block = {name: t.numel() // total for name, t in state.items()}  # codes, scales
+
+        def rows(name: str, t: Tensor, first: int, count: int) -> Tensor:
+            part = t.narrow(0, first * per_block[name], count * per_block[name])
+            return part.view(count, per_block[name]) if t.dtype == torch.uint8 else part
+
         slots = []
-        if main:
-            views = {name: t.narrow(0, 0, blocks * per_block[name]) for name, t in state.items()}
-            flat = param.narrow(0, 0, main)
+        if blocks:
+            main = blocks * block
+            views = {name: rows(name, t, 0, blocks) for name, t in state.items()}
+            flat = param.narrow(0, 0, main).view(blocks, block)
             slots.append(_Slot(i, flat, views, main, base, main, main, None))
-        last = {
-            name: t.narrow(0, blocks * per_block[name], per_block[name])
-            for name, t in state.items()
-        }
-        staging = torch.zeros(block, dtype=param.dtype, device=param.device)
-        tail = _Slot(i, staging, last, block, base + main, n - main, None, (main, n - main))
-        slots.append(tail)
+        if rem:
+            last = {name: rows(name, t, blocks, 1) for name, t in state.items()}
+            staging = torch.zeros(1, block, dtype=param.dtype, device=param.device)
+            offset = blocks * block
+            slots.append(_Slot(i, staging, last, block, base + offset, rem, None, (offset, rem)))
         return slots
 
     def _bucket(self, device, dtype, codec, stored, members: list[int]) -> _Bucket:
@@ -329,8 +340,8 @@ class GroupPlan:
         offset, length = slot.staged
         param_tail = local(self.params[slot.index]).view(-1).narrow(0, offset, length)
         self.param_tails.append(param_tail)
-        self.param_stages.append(slot.param.narrow(0, 0, length))
-        self.grad_stages.append(grad_stage.narrow(0, 0, length))
+        self.param_stages.append(slot.param.view(-1).narrow(0, 0, length))
+        self.grad_stages.append(grad_stage.view(-1).narrow(0, 0, length))
         self.grad_tails.append((slot.index, offset, length))
 
     def stage_in(self, grads: list[Tensor]) -> None:

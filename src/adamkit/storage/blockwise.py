@@ -27,6 +27,8 @@ smaller than half a level is lost every step and v freezes. Bytes per element:
 
 from __future__ import annotations
 
+import struct
+
 import torch
 from torch import Tensor
 
@@ -47,13 +49,15 @@ def _pad_to_blocks(x: Tensor, block: int, blocks: int) -> Tensor:
 
 
 def pack4(codes: Tensor) -> Tensor:
-    """Two 4-bit codes (values 0..15, uint8) per byte: element 2i in the low nibble."""
-    pairs = codes.view(-1, 2)
-    return pairs[:, 0] | (pairs[:, 1] << 4)
+    """Two 4-bit codes (values 0..15, uint8) per byte along the last dimension: element 2i in
+    the low nibble."""
+    pairs = codes.unflatten(-1, (-1, 2))
+    return pairs[..., 0] | (pairs[..., 1] << 4)
 
 
 def unpack4(packed: Tensor) -> Tensor:
-    return torch.stack([packed & 15, packed >> 4], dim=1).view(-1)
+    """The codes of :func:`pack4`, along the last dimension."""
+    return torch.stack([packed & 15, packed >> 4], dim=-1).flatten(-2)
 
 
 def _root(x: Tensor, power: float) -> Tensor:
@@ -100,21 +104,40 @@ def quantize(
     block: int,
     bits: int,
     signed: bool,
-    power: float,
+    power: float | None = None,
+    mantissa: int | None = None,
     noise: Tensor | None = None,
     blocks: int | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Codes (uint8, packed for 4 bits) and per-block fp32 absmax scales of flat ``x``.
+    """Codes (uint8, packed for 4 bits) and per-block fp32 absmax scales of flat ``x``, or of
+    ``x`` already laid out as ``[blocks, block]`` rows (then the codes come as rows too).
 
-    With ``noise`` (uniform [0, 1), ``x``'s length) the rounding is stochastic and unbiased.
-    ``blocks`` (default: as few as hold ``x``) is the number of blocks to produce.
+    The map is the power-companded one (``power``) or the minifloat one (``mantissa`` bits;
+    see :func:`_float_levels`). With ``noise`` (uniform [0, 1), ``x``'s length) the rounding is
+    stochastic and unbiased. ``blocks`` (default: as few as hold ``x``) is the number of blocks
+    to produce.
     """
-    count = num_blocks(x.shape[0], block) if blocks is None else blocks
-    rows = _pad_to_blocks(x.float(), block, count)
+    if x.dim() == 2:  # rows of whole blocks (the compiled kernels' layout)
+        rows, u = x.float(), noise
+    else:
+        count = num_blocks(x.shape[0], block) if blocks is None else blocks
+        rows = _pad_to_blocks(x.float(), block, count)
+        u = None if noise is None else _pad_to_blocks(noise, block, count)
+    if mantissa is not None:
+        codes, absmax = _float_codes(rows, u, bits, signed, mantissa)
+    else:
+        codes, absmax = _power_codes(rows, u, bits, signed, power)
+    if bits == 4:
+        codes = pack4(codes)
+    return (codes if x.dim() == 2 else codes.reshape(-1)), absmax
+
+
+def _power_codes(
+    rows: Tensor, u: Tensor | None, bits: int, signed: bool, power: float
+) -> tuple[Tensor, Tensor]:
     absmax = rows.abs().amax(dim=1)
     safe = torch.where(absmax > 0, absmax, torch.ones_like(absmax))
     normed = (rows / safe[:, None]).clamp(-1.0, 1.0)
-    u = None if noise is None else _pad_to_blocks(noise, block, count)
     if signed:
         q_max = 2 ** (bits - 1) - 1
         mag = normed.abs()
@@ -129,40 +152,122 @@ def quantize(
                 0,
                 q_max,
             )
-        codes = (normed.sign() * level + q_max).to(torch.uint8)
+        return (normed.sign() * level + q_max).to(torch.uint8), absmax
+    q_max = 2**bits - 1
+    mag = normed.clamp_min(0.0)
+    if u is None:
+        level = (torch.round(_root(mag, power) * (q_max + 1)) - 1).clamp(0, q_max)
     else:
-        q_max = 2**bits - 1
-        mag = normed.clamp_min(0.0)
-        if u is None:
-            level = (torch.round(_root(mag, power) * (q_max + 1)) - 1).clamp(0, q_max)
-        else:
-            level = _stochastic_level(
-                mag,
-                u,
-                lambda m: _root(m, power) * (q_max + 1) - 1,
-                lambda c: _power((c + 1) / (q_max + 1), power),
-                0,
-                q_max,
-            )
-        codes = level.to(torch.uint8)
-    codes = codes.view(-1)
-    if bits == 4:
-        codes = pack4(codes)
-    return codes, absmax
+        level = _stochastic_level(
+            mag,
+            u,
+            lambda m: _root(m, power) * (q_max + 1) - 1,
+            lambda c: _power((c + 1) / (q_max + 1), power),
+            0,
+            q_max,
+        )
+    return level.to(torch.uint8), absmax
+
+
+# ------------------------------------------------------------------------------------------------
+# minifloat map
+
+
+def _float_layout(bits: int, signed: bool, mantissa: int) -> tuple[int, int, int]:
+    """(shift, base, top) of the minifloat map: level ``k`` has the fp32 bit pattern
+    ``(k + base) << shift``; ``top`` is the level of 1.0."""
+    exponent = bits - int(signed) - mantissa
+    shift = 23 - mantissa
+    base = (127 - (2**exponent - 1)) << mantissa
+    top = (2**exponent - 1) << mantissa
+    return shift, base, top
+
+
+def float_levels(bits: int, signed: bool, mantissa: int) -> Tensor:
+    r"""The non-negative magnitudes of the minifloat map, level by level (float64).
+
+    With ``E = bits - signed - mantissa`` exponent bits and ``M = mantissa`` bits, let
+    ``f(k) = 2^(e - 2^E + 1) (1 + r / 2^M)`` for ``e = k >> M``, ``r = k mod 2^M``: the value
+    whose fp32 bit pattern is ``(k + base) << (23 - M)``, so that encoding and decoding are
+    integer operations on bit patterns. Levels run up to ``k = (2^E - 1) 2^M``.
+
+    - unsigned (second moments): level ``k`` is ``f(k)``, from ``f(0) = 2^(1 - 2^E)`` to 1:
+      neighbours within ``2^-M`` (relative) over ``2^E`` octaves, and no zero level (smaller
+      values are stored as level 0, never decoded as 0).
+    - signed (first moment; the sign is a separate bit): level ``k`` is ``f(k) - f(0)``, so
+      that level 0 is exactly zero and the smallest levels are evenly spaced by
+      ``f(0) 2^-M`` (as fp32 subnormals are); the top level is ``1 - f(0)``.
+    """
+    _, base, top = _float_layout(bits, signed, mantissa)
+    k = torch.arange(top + 1, dtype=torch.int64)
+    pattern = ((k + base) << (23 - mantissa)).to(torch.int32)
+    levels = pattern.view(torch.float32).double()
+    return levels - levels[0] if signed else levels
+
+
+def _float_codes(
+    rows: Tensor, u: Tensor | None, bits: int, signed: bool, mantissa: int
+) -> tuple[Tensor, Tensor]:
+    """Minifloat codes of ``rows`` (see :func:`float_levels`).
+
+    Between neighbouring levels the map is linear in the fp32 bit pattern, so rounding is
+    integer arithmetic on it: add ``round_bits`` (half a level: nearest; ``u`` times a level:
+    stochastic, up with the probability of the remainder, unbiased) and drop the low ``shift``
+    bits. The signed map encodes ``|x| / absmax + f(0)``.
+    """
+    shift, base, top = _float_layout(bits, signed, mantissa)
+    absmax = rows.abs().amax(dim=1)
+    inv = torch.where(absmax > 0, 1.0 / absmax, 0.0)
+    mag = (rows.abs() * inv[:, None]).clamp(max=1.0)
+    if signed:
+        mag = mag + _pattern_value(base, shift)
+    if u is None:
+        round_bits = 1 << (shift - 1)
+    else:
+        round_bits = (u * float(1 << shift)).to(torch.int32)
+    k = (((mag.view(torch.int32) + round_bits) >> shift) - base).clamp(0, top)
+    if signed:
+        k = k | ((rows < 0).to(torch.int32) << (bits - 1))
+    return k.to(torch.uint8), absmax
+
+
+def _pattern_value(pattern: int, shift: int) -> float:
+    """The fp32 number whose bit pattern is ``pattern << shift``."""
+    return struct.unpack("<f", struct.pack("<i", pattern << shift))[0]
+
+
+def _float_decode(c: Tensor, bits: int, signed: bool, mantissa: int) -> Tensor:
+    shift, base, _ = _float_layout(bits, signed, mantissa)
+    c = c.to(torch.int32)
+    if not signed:
+        return ((c + base) << shift).view(torch.float32)
+    magnitude = (((c & ((1 << (bits - 1)) - 1)) + base) << shift).view(torch.float32)
+    magnitude = magnitude - _pattern_value(base, shift)
+    return torch.where(c >= 1 << (bits - 1), -magnitude, magnitude)
 
 
 def dequantize(
-    codes: Tensor, absmax: Tensor, n: int, *, block: int, bits: int, signed: bool, power: float
+    codes: Tensor,
+    absmax: Tensor,
+    n: int,
+    *,
+    block: int,
+    bits: int,
+    signed: bool,
+    power: float | None = None,
+    mantissa: int | None = None,
 ) -> Tensor:
     """The flat fp32 tensor of ``n`` elements that ``codes`` and ``absmax`` stand for."""
     if bits == 4:
         codes = unpack4(codes)
-    c = codes.view(absmax.shape[0], block).float()
-    if signed:
+    c = codes.view(absmax.shape[0], block)
+    if mantissa is not None:
+        x = _float_decode(c, bits, signed, mantissa)
+    elif signed:
         q_max = 2 ** (bits - 1) - 1
-        y = (c - q_max) / q_max
+        y = (c.float() - q_max) / q_max
         x = y.sign() * _power(y.abs(), power)
     else:
         q_max = 2**bits - 1
-        x = _power((c + 1) / (q_max + 1), power)
+        x = _power((c.float() + 1) / (q_max + 1), power)
     return (x * absmax[:, None]).view(-1).narrow(0, 0, n)  # narrow: a size of exactly n

@@ -34,6 +34,7 @@ class BlockwiseCodec:
     block: int
     power_signed: float = 2.0
     power_unsigned: float = 4.0
+    mantissa: int | None = None  # minifloat map with this many mantissa bits (else powers)
 
     @property
     def name(self) -> str:
@@ -41,8 +42,10 @@ class BlockwiseCodec:
 
     def _kw(self, key: str) -> dict:
         signed = key in SIGNED_KEYS
-        power = self.power_signed if signed else self.power_unsigned
-        return {"block": self.block, "bits": self.bits, "signed": signed, "power": power}
+        kw = {"block": self.block, "bits": self.bits, "signed": signed}
+        if self.mantissa is not None:
+            return {**kw, "mantissa": self.mantissa}
+        return {**kw, "power": self.power_signed if signed else self.power_unsigned}
 
     def stored_dtype(self, param: Tensor) -> torch.dtype:
         """The dtype of the codes (the block scales are float32)."""
@@ -74,14 +77,16 @@ class BlockwiseCodec:
     def encode_(self, state: dict, key: str, value: Tensor, rng_key: Tensor | int = 0) -> None:
         """Quantise ``value`` (compute dtype, any layout) into the state's codes and scales.
 
-        Codes are rounded stochastically (unbiased) from the ``key`` stream of ``rng_key``.
+        A 2-d ``value`` of ``[blocks, block]`` is taken as the rows of the blocks (the compiled
+        kernels' layout); anything else is flattened. Codes are rounded stochastically
+        (unbiased) from the ``key`` stream of ``rng_key``.
         """
-        flat = value.reshape(-1)
-        noise = stream_uniform(flat, rng_key, key)
         codes_key, absmax_key = self.state_keys(key)
         blocks = state[absmax_key].shape[0]
-        codes, absmax = blockwise.quantize(flat, noise=noise, blocks=blocks, **self._kw(key))
-        state[codes_key].copy_(codes)
+        rows = value if value.dim() == 2 and value.shape[1] == self.block else value.reshape(-1)
+        noise = stream_uniform(rows, rng_key, key)
+        codes, absmax = blockwise.quantize(rows, noise=noise, blocks=blocks, **self._kw(key))
+        state[codes_key].view(codes.shape).copy_(codes)
         state[absmax_key].copy_(absmax)
 
     def bytes_per_element(self, param: Tensor) -> float:

@@ -66,33 +66,48 @@ class KeySource:
         return mix_keys(self.seed, self.positions[members], steps.astype(np.int64))
 
 
+def _int32(value: int) -> int:
+    """The int32 whose bits are the low 32 bits of ``value``."""
+    value &= _MASK32
+    return value - (1 << 32) if value >= 1 << 31 else value
+
+
+_GOLDEN, _MIX1, _MIX2 = _int32(0x9E3779B1), _int32(0x85EBCA6B), _int32(0xC2B2AE35)
+
+
 def hash32(
     numel: int, key: Tensor | int, device: torch.device | str = "cpu", start: int | Tensor = 0
 ) -> Tensor:
-    """``numel`` 32-bit hashes (int64 tensor), a pure function of ``key`` and element index.
+    """``numel`` 32-bit hashes (an int32 tensor holding the bits), a pure function of ``key``
+    and element index.
 
     Element ``i`` uses index ``start + i`` (``start`` an int or a 0-d int64 tensor), or
     ``start[i]`` when ``start`` is a 1-d tensor of indices: a shard of a tensor draws exactly
     the numbers of its elements in the whole tensor. ``key`` may be a 0-d int64 tensor (the
-    compiled kernels read keys from a table).
+    compiled kernels read keys from a table). The arithmetic is int32 modulo 2^32 (vector
+    instructions take 16 lanes of int32 but 8 of int64); right shifts are arithmetic in
+    torch, hence the masks.
     """
     if isinstance(start, Tensor) and start.dim() > 0:
-        h = start.reshape(-1).to(device=device, dtype=torch.int64)
+        index = start.reshape(-1).to(device=device, dtype=torch.int32)
     else:
-        h = torch.arange(numel, dtype=torch.int64, device=device) + start
-    h = (h * 0x9E3779B1 + key) & _MASK32
-    h = h ^ (h >> 16)
-    h = (h * 0x85EBCA6B) & _MASK32
-    h = h ^ (h >> 13)
-    h = (h * 0xC2B2AE35) & _MASK32
-    return h ^ (h >> 16)
+        first = start.to(torch.int32) if isinstance(start, Tensor) else _int32(start)
+        index = torch.arange(numel, dtype=torch.int32, device=device) + first
+    k = key.to(torch.int32) if isinstance(key, Tensor) else _int32(key)
+    h = index * _GOLDEN + k
+    h = h ^ ((h >> 16) & 0xFFFF)
+    h = h * _MIX1
+    h = h ^ ((h >> 13) & 0x7FFFF)
+    h = h * _MIX2
+    return h ^ ((h >> 16) & 0xFFFF)
 
 
 def uniform(
     numel: int, key: Tensor | int, device: torch.device | str = "cpu", start: int | Tensor = 0
 ) -> Tensor:
     """``numel`` float32 numbers in [0, 1) on a grid of 2^-24 (see :func:`hash32`)."""
-    return (hash32(numel, key, device, start) >> 8).to(torch.float32) * (1.0 / 16777216.0)
+    bits = (hash32(numel, key, device, start) >> 8) & 0xFFFFFF
+    return bits.to(torch.float32) * (1.0 / 16777216.0)
 
 
 # Random streams: one 32-bit hash per element serves two quantities, 16 bits each (plenty
@@ -125,7 +140,7 @@ def stream_uniform(like: Tensor, rng_key: Tensor | int | ShardKey, stream: str) 
     other stream shares). Midpoints: P(u < p) is within 2^-17 of p, above or below."""
     key, start = rng_key if isinstance(rng_key, ShardKey) else (rng_key, 0)
     pair, shift = STREAMS[stream]
-    h = hash32(like.numel(), key ^ pair, like.device, start)
+    h = hash32(like.numel(), key ^ pair, like.device, start).view(like.shape)
     return (((h >> shift) & 0xFFFF).to(torch.float32) + 0.5) * (1.0 / 65536.0)
 
 
