@@ -370,7 +370,8 @@ def test_signal_kernels_return_the_fused_sums_of_the_step(state_dtype: str, tol:
         assert got[p].shape == want.shape
         # counts of entries near a threshold (|u| > 0.5, ...) may flip under quantisation:
         # int8 allows 3% of the entries there
-        counts = torch.tensor([name in ("active", "eps_count", "large") for name in COLUMNS._fields])
+        names = COLUMNS._fields
+        counts = torch.tensor([name in ("active", "eps_count", "large") for name in names])
         atol = torch.where(counts, (0.03 if state_dtype == "int8" else 0.0) * p.numel(), 1e-6)
         close = (got[p] - want).abs() <= atol + tol * want.abs()
         assert close.all(), (tuple(p.shape), got[p], want)

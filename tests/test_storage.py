@@ -44,7 +44,7 @@ def _levels(bits: int, signed: bool, map_kw: dict) -> torch.Tensor:
         mags = torch.tensor([m for m in mags if m <= 1.0], dtype=torch.float64)
         if not signed:
             return mags
-        mags = mags - mags[0]  # shifted so that the first level is zero
+        mags = (mags - mags[0]) / (1 - mags[0])  # shifted: level 0 is zero, the top one 1
         return torch.cat([-mags.flip(0)[:-1], mags])
     power = _kw(map_kw, signed)["power"]
     if signed:

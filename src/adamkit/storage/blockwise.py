@@ -194,15 +194,16 @@ def float_levels(bits: int, signed: bool, mantissa: int) -> Tensor:
     - unsigned (second moments): level ``k`` is ``f(k)``, from ``f(0) = 2^(1 - 2^E)`` to 1:
       neighbours within ``2^-M`` (relative) over ``2^E`` octaves, and no zero level (smaller
       values are stored as level 0, never decoded as 0).
-    - signed (first moment; the sign is a separate bit): level ``k`` is ``f(k) - f(0)``, so
-      that level 0 is exactly zero and the smallest levels are evenly spaced by
-      ``f(0) 2^-M`` (as fp32 subnormals are); the top level is ``1 - f(0)``.
+    - signed (first moment; the sign is a separate bit): level ``k`` is
+      ``(f(k) - f(0)) / (1 - f(0))``, so that level 0 is exactly zero, the top level exactly 1
+      (a decoded block re-encodes to itself) and the smallest levels are evenly spaced (as
+      fp32 subnormals are).
     """
     _, base, top = _float_layout(bits, signed, mantissa)
     k = torch.arange(top + 1, dtype=torch.int64)
     pattern = ((k + base) << (23 - mantissa)).to(torch.int32)
     levels = pattern.view(torch.float32).double()
-    return levels - levels[0] if signed else levels
+    return (levels - levels[0]) / (1 - levels[0]) if signed else levels
 
 
 def _float_codes(
@@ -213,14 +214,15 @@ def _float_codes(
     Between neighbouring levels the map is linear in the fp32 bit pattern, so rounding is
     integer arithmetic on it: add ``round_bits`` (half a level: nearest; ``u`` times a level:
     stochastic, up with the probability of the remainder, unbiased) and drop the low ``shift``
-    bits. The signed map encodes ``|x| / absmax + f(0)``.
+    bits. The signed map encodes ``f(0) + (1 - f(0)) |x| / absmax``.
     """
     shift, base, top = _float_layout(bits, signed, mantissa)
     absmax = rows.abs().amax(dim=1)
     inv = torch.where(absmax > 0, 1.0 / absmax, 0.0)
     mag = (rows.abs() * inv[:, None]).clamp(max=1.0)
     if signed:
-        mag = mag + _pattern_value(base, shift)
+        low = _pattern_value(base, shift)
+        mag = mag * (1.0 - low) + low
     if u is None:
         round_bits = 1 << (shift - 1)
     else:
@@ -242,7 +244,8 @@ def _float_decode(c: Tensor, bits: int, signed: bool, mantissa: int) -> Tensor:
     if not signed:
         return ((c + base) << shift).view(torch.float32)
     magnitude = (((c & ((1 << (bits - 1)) - 1)) + base) << shift).view(torch.float32)
-    magnitude = magnitude - _pattern_value(base, shift)
+    low = _pattern_value(base, shift)
+    magnitude = (magnitude - low) * (1.0 / (1.0 - low))
     return torch.where(c >= 1 << (bits - 1), -magnitude, magnitude)
 
 
