@@ -33,11 +33,12 @@ def test_hashes_from_a_start_index_are_a_slice_of_the_whole() -> None:
 
 @pytest.mark.parametrize("stream", ["exp_avg", "exp_avg_sq", "param"])
 def test_shard_key_draws_the_numbers_of_the_full_tensor(stream) -> None:
-    whole = stream_uniform(torch.empty(64, 10), 777, stream)
+    whole = stream_uniform(torch.empty(64, 10), 777, stream)  # shaped like its argument
+    assert whole.shape == (64, 10)
     shard = torch.empty(3, 10)  # rows 4..6 of the full tensor
-    assert torch.equal(stream_uniform(shard, ShardKey(777, 40), stream), whole[40:70])
+    assert torch.equal(stream_uniform(shard, ShardKey(777, 40), stream), whole[4:7])
     other = stream_uniform(shard, 777, stream)  # a plain key draws from index 0
-    assert not torch.equal(other, whole[40:70])
+    assert not torch.equal(other, whole[4:7])
 
 
 @pytest.mark.parametrize(("bits", "block"), [(8, 256), (4, 128)])

@@ -16,8 +16,8 @@ from adamkit.storage.rounding import round_stochastic, uniform
 
 CODECS = [(8, 256), (4, 128)]
 
-# (bits, block, map): power-companded maps (``power`` per sign) and the 8-bit minifloat map
-# (``mantissa`` bits), as the codecs use them
+# (bits, block, map): the codecs' power-companded maps (``power`` per sign) and the 8-bit
+# minifloat map (``mantissa`` bits; ``BlockwiseCodec(8, 256, mantissa=3)``, not a default yet)
 MAPS = [
     pytest.param(8, 256, {"power": None}, id="int8-power"),
     pytest.param(4, 128, {"power": None}, id="int4-power"),
@@ -263,8 +263,7 @@ def test_torch_state_dict_loads_quantised_and_exports_back(state_dtype) -> None:
     _train(torch_opt, params, 4)
     ours = adamkit.AdamW(params, lr=1e-2, state_dtype=state_dtype, min_quantized_size=0)
     ours.load_state_dict(torch_opt.state_dict())
-    # a load rounds stochastically: int8's minifloat map has 8 levels per octave (12.5% steps)
-    tol = {"bfloat16": 1e-2, "int8": 0.06, "int4": 0.3}[state_dtype]
+    tol = {"bfloat16": 1e-2, "int8": 0.05, "int4": 0.3}[state_dtype]
     for p in params:
         decoded = ours.decoded_state(p)
         for key in ("exp_avg", "exp_avg_sq"):

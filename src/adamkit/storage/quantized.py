@@ -9,7 +9,9 @@ encodes from fp32, inside whichever executor runs the step.
 
 Companding powers were chosen by measurement (docs/benchmarks.md, "lean state quality"):
 the first moment is stored as sqrt(|m|) (power 2), the second as v^(1/4), i.e. sqrt of the
-sqrt(v) that the update divides by.
+sqrt(v) that the update divides by. ``mantissa`` selects the minifloat map instead (integer
+encode and decode, 2.7x faster compiled kernels; see docs/benchmarks.md): measured and tested,
+not yet the default (see the note there).
 """
 
 from __future__ import annotations
@@ -83,7 +85,7 @@ class BlockwiseCodec:
         """
         codes_key, absmax_key = self.state_keys(key)
         blocks = state[absmax_key].shape[0]
-        rows = value if value.dim() == 2 and value.shape[1] == self.block else value.reshape(-1)
+        rows = value if value.shape == (blocks, self.block) else value.reshape(-1)
         noise = stream_uniform(rows, rng_key, key)
         codes, absmax = blockwise.quantize(rows, noise=noise, blocks=blocks, **self._kw(key))
         state[codes_key].view(codes.shape).copy_(codes)
