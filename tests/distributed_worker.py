@@ -444,20 +444,28 @@ def save_resume_round_trip(
     return out
 
 
+def round_trips(state_dtypes, make, fresh, step, outdir: Path, prefix: str, after: int) -> dict:
+    """:func:`save_resume_round_trip` for each state dtype, on FSDP2 models from ``make``
+    (checkpoints in ``outdir / f"{prefix}-{state_dtype}"``)."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    results = {}
+    for state_dtype in state_dtypes:
+        model = fsdp2(make())
+        opt = make_adamkit(model.parameters(), state_dtype)
+        path = outdir / f"{prefix}-{state_dtype}"
+        results.update(
+            save_resume_round_trip(model, opt, fresh, step, state_dtype, path, after, rank, world)
+        )
+    return results
+
+
 def scenario_dcp_save(outdir: Path, after: str) -> None:
     """Per state_dtype: train RESUME_STEP steps, save a DCP checkpoint, train ``after`` more;
     then load the checkpoint into a fresh model and optimizer and train the same steps."""
-    rank, world = init()
-    results = {}
-    for state_dtype in STATE_DTYPES:
-        model = fsdp2(make_model())
-        opt = make_adamkit(model.parameters(), state_dtype)
-        results.update(
-            save_resume_round_trip(
-                model, opt, fresh_fsdp2, train_step, state_dtype,
-                outdir / f"ckpt-{state_dtype}", int(after), rank, world,
-            )
-        )  # fmt: skip
+    rank, _ = init()
+    results = round_trips(
+        STATE_DTYPES, make_model, fresh_fsdp2, train_step, outdir, "ckpt", int(after)
+    )
     torch.save(results, outdir / f"dcp-save-rank{rank}.pt")
     dist.destroy_process_group()
 
@@ -578,16 +586,9 @@ def scenario_dcp_compact_save(outdir: Path, after: str) -> None:
     more; load into a fresh model and optimizer and train the same steps. Then two
     checkpoints in the decoded form (``wide-torch``, ``wide-int8-decoded``)."""
     rank, world = init()
-    results = {}
-    for state_dtype in COMPACT_DTYPES:
-        model = fsdp2(make_wide_model())
-        opt = make_adamkit(model.parameters(), state_dtype)
-        results.update(
-            save_resume_round_trip(
-                model, opt, fresh_wide, wide_step, state_dtype,
-                outdir / f"wide-{state_dtype}", int(after), rank, world,
-            )
-        )  # fmt: skip
+    results = round_trips(
+        COMPACT_DTYPES, make_wide_model, fresh_wide, wide_step, outdir, "wide", int(after)
+    )
     # checkpoints in the decoded form: of torch.optim.AdamW, and of an adamkit int8 optimizer
     # that presents everything decoded (as adamkit did before the compact form)
     import adamkit.distributed

@@ -113,7 +113,7 @@ def quantize(
     ``x`` already laid out as ``[blocks, block]`` rows (then the codes come as rows too).
 
     The map is the power-companded one (``power``) or the minifloat one (``mantissa`` bits;
-    see :func:`_float_levels`). With ``noise`` (uniform [0, 1), ``x``'s length) the rounding is
+    see :func:`float_levels`). With ``noise`` (uniform [0, 1), ``x``'s length) the rounding is
     stochastic and unbiased. ``blocks`` (default: as few as hold ``x``) is the number of blocks
     to produce.
     """
