@@ -368,4 +368,10 @@ def test_signal_kernels_return_the_fused_sums_of_the_step(state_dtype: str, tol:
             state["exp_avg_sq"].flatten(), None, bc1, bc2, 1e-8,
         )  # fmt: skip
         assert got[p].shape == want.shape
-        assert torch.allclose(got[p], want, rtol=tol, atol=1e-6), (tuple(p.shape), got[p], want)
+        sums, counts = slice(0, 7), slice(7, None)  # Sums' columns: 7 sums, then 3 counts
+        assert torch.allclose(got[p][sums], want[sums], rtol=tol, atol=1e-6), (p.shape, got[p])
+        # int8: an entry whose |u| or sqrt(v_hat) sits within the quantisation error of a
+        # threshold may count on the other side by hand (the kernel counts the unquantised
+        # values): up to 5% of the entries (measured: 3 of 129 with the minifloat map)
+        slack = 0.0 if state_dtype == "float32" else 0.05 * p.numel()
+        assert (got[p][counts] - want[counts]).abs().max() <= slack, (p.shape, got[p], want)

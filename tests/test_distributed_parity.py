@@ -209,28 +209,34 @@ def compiled_runs(tmp_path_factory) -> list[dict]:
 @pytest.mark.parametrize("state_dtype", W.COMPILED_DTYPES)
 def test_fsdp2_compiled_backend_steps_local_shards_like_eager(compiled_runs, state_dtype) -> None:
     """backend="compiled" steps FSDP2's local shards in its kernels (no eager fallback), with
-    the random streams keyed by global element index: the eager FSDP2 run up to fp32
-    rounding. fp32 state: within 2e-6. Stochastically rounded formats: a value within an ulp of
-    a rounding decision may go the other way (as in tests/test_compiled.py's lean-state test),
-    leaving a moment entry one step of its format apart and moving its param slightly in the
-    next steps, and a moment one ulp apart stays apart (bf16: seen on 1.2% of the entries
-    after 20 steps). So: params within 1e-4, at most 5% of moment entries off by more than
-    2e-6, none by more than one step of the format (a wrong kernel moves most entries by more).
+    the random streams keyed by global element index, as the eager FSDP2 run does.
+
+    Step by step (both sides restarted from the eager side's bits after every step, 20 steps):
+    params within 1e-6, at most 1% of the stored entries (codes, scales, moments) off, by at
+    most one step of the format: a value within an fp32 ulp of a rounding decision may go the
+    other way, nothing else. Measured: params 4e-8, no code off, one bf16 moment entry in
+    2040 once.
+
+    Over 20 independent steps the runs drift apart: the kernels' fp32 rounding differs from
+    eager's by an ulp now and then (contracted multiply-adds), and once one stored decision
+    goes the other way (int8 minifloat: one m code at step 8 of 2400 on rank 0), the changed
+    param changes every later gradient a little and the differences grow. So end to end:
+    fp32 state within 2e-6; quantised and bf16 state within 1e-3 (measured up to 2.8e-4),
+    the same training run to the precision of its storage format.
     """
-    level = {"bfloat16": 2.0**-7, "int8": 4.0 / 127, "int4": 0.5}.get(state_dtype)
     for rank_result in compiled_runs:
         ours = rank_result["compiled", state_dtype]
         assert ours["uncompiled"] == 0 and ours["compiled"] == 4
+        forced = rank_result["forced", state_dtype]
+        assert forced["uncompiled"] == 0 and forced["compiled"] == 4
+        assert forced["param"] <= 1e-6, forced
+        step = {"float32": 1e-6, "bfloat16": 2.0**-7}.get(state_dtype, 1.0)  # codes: one level
+        assert forced["share"] <= 0.01 and forced["levels"] <= step, forced
         eager = rank_result["eager", state_dtype]
+        tol = 2e-6 if state_dtype == "float32" else 1e-3
         for name in eager["param"]:
-            tol = 2e-6 if level is None else 1e-4
             assert rel(ours["param"][name], eager["param"][name]) <= tol, name
-        for key in ("exp_avg", "exp_avg_sq"):
-            for name in eager[key]:
-                want, have = eager[key][name].float(), ours[key][name].float()
-                if level is None:
-                    assert rel(have, want) <= 2e-6, (key, name)
-                    continue
-                diff = (have - want).abs() / want.abs().max().clamp_min(1e-30)
-                off = (diff > 2e-6).float().mean().item()
-                assert off <= 0.05 and diff.max() <= level, (key, name, off)
+        if state_dtype == "float32":
+            for key in ("exp_avg", "exp_avg_sq"):
+                for name in eager[key]:
+                    assert rel(ours[key][name], eager[key][name]) <= 2e-6, (key, name)

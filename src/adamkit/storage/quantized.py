@@ -7,11 +7,12 @@ zero level (see :mod:`adamkit.storage.blockwise`). Every tensor is quantised, wh
 the last block is zero-padded. The codec never sees the update rule: it decodes to fp32 and
 encodes from fp32, inside whichever executor runs the step.
 
-Companding powers were chosen by measurement (docs/benchmarks.md, "lean state quality"):
-the first moment is stored as sqrt(|m|) (power 2), the second as v^(1/4), i.e. sqrt of the
-sqrt(v) that the update divides by. ``mantissa`` selects the minifloat map instead (integer
-encode and decode, 2.7x faster compiled kernels; see docs/benchmarks.md): measured and tested,
-not yet the default (see the note there).
+Two maps from a block's normalised values to codes. Power maps (the int4 default): the first
+moment is stored as sqrt(|m|) (power 2), the second as v^(1/4), i.e. sqrt of the sqrt(v) that
+the update divides by (powers chosen by measurement, docs/benchmarks.md, "lean state
+quality"). Minifloat maps (``mantissa`` bits; the int8 default, ``mantissa=3``): 8 levels per
+octave, encoded and decoded with integer arithmetic on the float bits, about 2x faster
+compiled kernels than the power maps at the same quality (docs/benchmarks.md).
 """
 
 from __future__ import annotations

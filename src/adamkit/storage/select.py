@@ -33,7 +33,7 @@ _FIXED = {
     None: FloatCodec(None),
     "float32": FloatCodec(torch.float32),
     "bfloat16": FloatCodec(torch.bfloat16, stochastic=True),
-    "int8": BlockwiseCodec(bits=8, block=256),
+    "int8": BlockwiseCodec(bits=8, block=256, mantissa=3),
     "int4": BlockwiseCodec(bits=4, block=128),
 }
 
