@@ -372,7 +372,7 @@ def step_forced_fsdp2(state_dtype, n: int, rank: int, world: int) -> dict:
         for model, opt in sides.values():
             train_step(model, opt, s, rank, world)
         (me, oe), (mc, oc) = sides["eager"], sides["compiled"]
-        for (name, pe), (_, pc) in zip(me.named_parameters(), mc.named_parameters()):
+        for pe, pc in zip(me.parameters(), mc.parameters()):
             a, b = local(pe).detach(), local(pc).detach()
             worst["param"] = max(worst["param"], rel(b, a))
             local(pc).detach().copy_(a)
@@ -716,4 +716,3 @@ if __name__ == "__main__":
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
-

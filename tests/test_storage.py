@@ -263,7 +263,9 @@ def test_torch_state_dict_loads_quantised_and_exports_back(state_dtype) -> None:
     _train(torch_opt, params, 4)
     ours = adamkit.AdamW(params, lr=1e-2, state_dtype=state_dtype, min_quantized_size=0)
     ours.load_state_dict(torch_opt.state_dict())
-    tol = {"bfloat16": 1e-2, "int8": 0.05, "int4": 0.3}[state_dtype]
+    # int8: the minifloat map (8 levels per octave) with stochastic rounding errs by up to
+    # 1/8 per entry, (1/8)/sqrt(6) = 5.1% rms for evenly spread values: measured 5.2% for m
+    tol = {"bfloat16": 1e-2, "int8": 0.065, "int4": 0.3}[state_dtype]
     for p in params:
         decoded = ours.decoded_state(p)
         for key in ("exp_avg", "exp_avg_sq"):
