@@ -401,3 +401,15 @@ def test_bf16_params_with_stochastic_rounding_track_fp32() -> None:
     sr = [((fit(torch.bfloat16, True, seed) - target) ** 2).mean().item() for seed in SR_SEEDS]
     excess = sum(sr) / len(sr) - fp32
     assert (nearest + floor) / 2 < excess < (floor + coin) / 2, (excess / floor, nearest, coin)
+
+
+def test_quantize_names_the_missing_map() -> None:
+    """Neither or both of ``power`` and ``mantissa``: a ValueError naming both, not a crash
+    deep in the arithmetic."""
+    from adamkit.storage import blockwise as B
+
+    with pytest.raises(ValueError, match="power=None or mantissa=None"):
+        B.quantize(torch.ones(10), block=8, bits=8, signed=True)
+    with pytest.raises(ValueError, match="power=2.0 or mantissa=3"):
+        B.dequantize(torch.zeros(8, dtype=torch.uint8), torch.ones(1), 8, block=8, bits=8,
+                     signed=True, power=2.0, mantissa=3)  # fmt: skip

@@ -109,13 +109,16 @@ def corrected_root(second_moment, bias_correction2):
     return (second_moment / bias_correction2) ** 0.5
 
 
-def normalized_update(exp_avg, second_moment, bias_correction1, bias_correction2, eps):
+def normalized_update(exp_avg, second_moment, bias_correction1, bias_correction2, eps, root=None):
     """u = m_hat / (sqrt(v_hat) + eps): the direction :func:`adam_update` moves p along, as
     Algorithm 1 writes it (the step is -lr * u; :func:`adam_update` evaluates the same quantity
     in torch's operation order). Used by the diagnostics; works on tensors and NumPy arrays.
-    ``second_moment`` is v, or AMSGrad's running max.
+    ``second_moment`` is v, or AMSGrad's running max; ``root``, when the caller has it, is
+    :func:`corrected_root` of it (not computed again).
     """
-    return (exp_avg / bias_correction1) / (corrected_root(second_moment, bias_correction2) + eps)
+    if root is None:
+        root = corrected_root(second_moment, bias_correction2)
+    return (exp_avg / bias_correction1) / (root + eps)
 
 
 def step_scalars(

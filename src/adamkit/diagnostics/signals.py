@@ -231,7 +231,7 @@ def fused_sums(
     v = exp_avg_sq if max_exp_avg_sq is None else max_exp_avg_sq
     v_hat = v / bias_correction2
     root = rule.corrected_root(v, bias_correction2)
-    u = (exp_avg / bias_correction1) / (root + eps)  # rule.normalized_update, root reused
+    u = rule.normalized_update(exp_avg, v, bias_correction1, bias_correction2, eps, root)
     delta = param_after - param_before
     active = v > 0
     sums = torch.stack(
@@ -353,11 +353,12 @@ def batch_sums(b: SampleBatch, rows: np.ndarray | None = None) -> dict[str, np.n
     w = b.numel[rows] / np.maximum(k, 1)
     p0, p1, m, v = (b.samples[rows, i, :] for i in range(len(SAMPLE_ROWS)))
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        bc1 = (1 - b.beta1[rows] ** b.step[rows])[:, None]
-        bc2 = (1 - b.beta2[rows] ** b.step[rows])[:, None]
+        bc1, bc2 = (
+            c[:, None] for c in bias_corrections(b.step[rows], b.beta1[rows], b.beta2[rows])
+        )
         eps = b.eps[rows][:, None]
         root = rule.corrected_root(v, bc2)
-        u = (m / bc1) / (root + eps)  # rule.normalized_update, root reused
+        u = rule.normalized_update(m, v, bc1, bc2, eps, root)
         delta = p1 - p0
         active = upd & (root > 0)
 

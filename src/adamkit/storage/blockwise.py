@@ -117,6 +117,7 @@ def quantize(
     stochastic and unbiased. ``blocks`` (default: as few as hold ``x``) is the number of blocks
     to produce.
     """
+    _check_map(power, mantissa)
     if x.dim() == 2:  # rows of whole blocks (the compiled kernels' layout)
         rows, u = x.float(), noise
     else:
@@ -130,6 +131,11 @@ def quantize(
     if bits == 4:
         codes = pack4(codes)
     return (codes if x.dim() == 2 else codes.reshape(-1)), absmax
+
+
+def _check_map(power: float | None, mantissa: int | None) -> None:
+    if (power is None) == (mantissa is None):
+        raise ValueError(f"give exactly one map: power={power!r} or mantissa={mantissa!r}")
 
 
 def _power_codes(
@@ -261,6 +267,7 @@ def dequantize(
     mantissa: int | None = None,
 ) -> Tensor:
     """The flat fp32 tensor of ``n`` elements that ``codes`` and ``absmax`` stand for."""
+    _check_map(power, mantissa)
     if bits == 4:
         codes = unpack4(codes)
     c = codes.view(absmax.shape[0], block)
