@@ -41,6 +41,7 @@ def by_hand(p0, p1, g, m, v, t, b1, b2, eps, lr):
             for q in Q
         },
         "exp_avg_norm": float(np.linalg.norm(m)),
+        "exp_avg_sq_norm": float(np.linalg.norm(v)),
     }
 
 
@@ -376,10 +377,11 @@ def test_nonfinite_counts_and_skipped_tensors() -> None:
     assert w["exp_avg_norm"] == pytest.approx(float(opt.state[model[0].weight]["exp_avg"].norm()))
 
 
-def test_nan_in_state_is_counted() -> None:
+@pytest.mark.parametrize("exact", ["all", "grad"])
+def test_nan_in_state_is_counted(exact) -> None:
     model = small_model()
     opt = torch.optim.Adam(model.parameters())
-    monitor = Monitor(opt, names=model, alerts=False)
+    monitor = Monitor(opt, names=model, alerts=False, exact=exact)
     for i, (x, y) in enumerate(batches(2)):
         opt.zero_grad()
         (model(x) - y).square().mean().backward()
@@ -388,6 +390,42 @@ def test_nan_in_state_is_counted() -> None:
         opt.step()
     t = monitor.latest()["tensors"]["2.bias"]
     assert t["grad_nonfinite"] == 1 and t["state_nonfinite"] == 2 and t["param_nonfinite"] == 1
+
+
+def test_exact_grad_reads_the_grads_and_samples_the_moments() -> None:
+    """exact="grad": tensors of up to SAMPLE entries are sampled whole, so their records
+    equal exact="all"'s; in a large tensor a NaN gradient is still counted, with the state and
+    the param it reached (the gradient's norm triggers the count)."""
+    records = {}
+    for exact in ("all", "grad"):
+        model = small_model()
+        opt = adamkit.AdamW(model.parameters())
+        monitor = Monitor(opt, names=model, alerts=False, exact=exact)
+        for x, y in batches(3):
+            opt.zero_grad()
+            (model(x) - y).square().mean().backward()
+            opt.step()
+        records[exact] = monitor.latest()
+        assert records[exact]["exact"] == exact
+    for name, want in records["all"]["tensors"].items():
+        got = records["grad"]["tensors"][name]
+        assert got["sample"] == got["numel"] == want["numel"]
+        for key, value in want.items():
+            assert got[key] == pytest.approx(value, rel=1e-6), (name, key)  # fp32 vs f64 sums
+
+    torch.manual_seed(0)
+    layer = nn.Linear(300, 40)  # 12000 weights: sampled
+    opt = torch.optim.Adam(layer.parameters())
+    monitor = Monitor(opt, names=layer, alerts=False, exact="grad")
+    for i in range(2):
+        opt.zero_grad()
+        layer(torch.randn(8, 300)).square().mean().backward()
+        if i == 1:
+            layer.weight.grad[3, 7] = math.nan
+        opt.step()
+    w = monitor.latest()["tensors"]["weight"]
+    assert w["sample"] < w["numel"]
+    assert w["grad_nonfinite"] == 1 and w["state_nonfinite"] == 2 and w["param_nonfinite"] == 1
 
 
 def test_decoded_state_is_read_when_the_optimizer_has_one() -> None:
@@ -440,12 +478,12 @@ def test_fused_signal_sums_replace_the_sampled_estimates(monkeypatch) -> None:
                         )  # fmt: skip
 
     results, calls = {}, {}
-    for cls in (adamkit.AdamW, Fusing):
+    for cls, exact in ((adamkit.AdamW, "grad"), (adamkit.AdamW, "all"), (Fusing, "grad")):
         norm_calls.clear()
         torch.manual_seed(0)
         layer = nn.Linear(300, 40)  # 12000 weights: the Monitor alone samples them
         opt = cls(layer.parameters(), lr=1e-2)
-        monitor = Monitor(opt, names=layer, every=2, alerts=False)
+        monitor = Monitor(opt, names=layer, every=2, alerts=False, exact=exact)
         gen = torch.Generator().manual_seed(0)
         for _ in range(4):
             opt.zero_grad()
@@ -455,21 +493,24 @@ def test_fused_signal_sums_replace_the_sampled_estimates(monkeypatch) -> None:
         st = opt.state[layer.weight]
         want = by_hand([before], [layer.weight.detach()], [layer.weight.grad], [st["exp_avg"]],
                        [st["exp_avg_sq"]], 4, 0.9, 0.999, 1e-8, 1e-2)  # fmt: skip
-        results[cls] = (monitor.latest()["tensors"]["weight"], want, opt)
-        calls[cls] = len(norm_calls)
-    assert calls[Fusing] == 0 and calls[adamkit.AdamW] > 0
+        results[cls, exact] = (monitor.latest()["tensors"]["weight"], want, opt)
+        calls[cls, exact] = len(norm_calls)
+    assert calls[Fusing, "grad"] == 0 and calls[adamkit.AdamW, "grad"] > 0
     sampled = ("update_rms", "log10_update_to_weight", "second_moment_lag")
-    got, want, opt = results[Fusing]
+    got, want, opt = results[Fusing, "grad"]
     assert opt.requests == 2 and opt.fused_signals_request is False
-    for key in (*sampled, "grad_norm", "exp_avg_norm"):
+    for key in (*sampled, "grad_norm", "exp_avg_norm", "exp_avg_sq_norm"):
         assert got[key] == pytest.approx(want[key], rel=1e-5), key
-    got, want, _ = results[adamkit.AdamW]
-    for key in ("grad_norm", "exp_avg_norm"):  # exact on every path
-        assert got[key] == pytest.approx(want[key], rel=1e-5), key
-    for key in sampled:  # the sampled estimates are close, not exact
-        assert got[key] == pytest.approx(want[key], rel=0.1) and got[key] != pytest.approx(
-            want[key], rel=1e-5
-        ), key
+    for exact, full in (("grad", ("grad_norm",)), ("all", ("grad_norm", "exp_avg_norm"))):
+        got, want, _ = results[adamkit.AdamW, exact]
+        assert S.SAMPLE // 2 < got["sample"] <= S.SAMPLE < got["numel"] == 12000
+        for key in full:  # read in full
+            assert got[key] == pytest.approx(want[key], rel=1e-5), (exact, key)
+        estimated = [*sampled, *(("exp_avg_norm", "exp_avg_sq_norm") if exact == "grad" else ())]
+        for key in estimated:  # the sampled estimates are close, not exact
+            assert got[key] == pytest.approx(want[key], rel=0.15) and got[key] != pytest.approx(
+                want[key], rel=1e-5
+            ), (exact, key)
 
 
 def test_bf16_and_complex_params() -> None:
@@ -506,6 +547,8 @@ def test_invalid_arguments() -> None:
         Monitor(object())
     with pytest.raises(ValueError, match="Unknown alert settings"):
         Monitor(opt, alerts={"eps_dominatd": 0.5})
+    with pytest.raises(ValueError, match="exact='moments'"):
+        Monitor(opt, exact="moments")
 
 
 def test_a_step_with_a_closure_is_measured() -> None:

@@ -334,27 +334,31 @@ def parser() -> argparse.ArgumentParser:
 
 def monitor_overhead(args: argparse.Namespace) -> int:
     """Print what a Monitor sampling every step / every 10 steps adds to a step, per backend."""
+    from adamkit.diagnostics.monitor import EXACT_MODES
     from adamkit.diagnostics.overhead import measure, transformer_like_params
     from adamkit.optim import AdamW
 
     rows = {}
     for backend in ("eager", "compiled"):
-        params = transformer_like_params(device=args.device)
-        result = measure(
-            lambda ps, backend=backend: AdamW(ps, lr=1e-4, backend=backend),
-            params,
-            every=(1, 10),
-            steps=20,
-            repeats=args.repeats,
-        )
-        rows[backend] = result
-        mon = result["monitored"]
-        print(
-            f"monitor overhead, backend={backend}: {result['params'] / 1e6:.1f}M params in "
-            f"{result['tensors']} tensors, plain step {result['plain_s'] * 1e3:.2f} ms; "
-            f"every step +{mon[1]['overhead']:.1%} (hooks {mon[1]['hook_overhead']:.1%}), "
-            f"every 10 steps +{mon[10]['overhead']:.1%} (hooks {mon[10]['hook_overhead']:.1%})"
-        )
+        for exact in EXACT_MODES:  # what a sampled step reads in full: see Monitor(exact=)
+            params = transformer_like_params(device=args.device)
+            result = measure(
+                lambda ps, backend=backend: AdamW(ps, lr=1e-4, backend=backend),
+                params,
+                every=(1, 10),
+                steps=20,
+                repeats=args.repeats,
+                monitor_kwargs={"exact": exact},
+            )
+            rows[f"{backend}/exact={exact}"] = result
+            mon = result["monitored"]
+            print(
+                f"monitor overhead, backend={backend}, exact={exact}: "
+                f"{result['params'] / 1e6:.1f}M params in {result['tensors']} tensors, plain "
+                f"step {result['plain_s'] * 1e3:.2f} ms; every step +{mon[1]['overhead']:.1%} "
+                f"(hooks {mon[1]['hook_overhead']:.1%}), every 10 steps "
+                f"+{mon[10]['overhead']:.1%} (hooks {mon[10]['hook_overhead']:.1%})"
+            )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2, default=str)

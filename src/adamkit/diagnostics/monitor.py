@@ -14,7 +14,8 @@
 On a sampled step (the ``k``-th call of ``step()`` with ``k % every == 0``) the pre-hook keeps
 a strided sample of each param that has a gradient (at most ``signals.SAMPLE`` entries: no
 copy of the params), and the post-hook reads each gradient and moment once for their exact
-norms, takes the same sample of p, m and v, moves everything to the host in one transfer per
+norms (with ``exact="grad"`` the gradients only: the moment norms then come from the
+sample), takes the same sample of p, m and v, moves everything to the host in one transfer per
 device and computes the signals there in float64, all tensors at once
 (:mod:`adamkit.diagnostics.readout`). On other steps the hooks only count. Observed losses are
 kept as tensors until the next sampled step, so ``observe`` never synchronises.
@@ -172,6 +173,7 @@ class _Hyper(NamedTuple):
 
 
 _NONFINITE_KEYS = ("grad_nonfinite", "state_nonfinite", "param_nonfinite")
+EXACT_MODES = ("all", "grad")
 
 
 class Monitor:
@@ -190,6 +192,14 @@ class Monitor:
         tensors: keep per-tensor signals in the records (group and overall are always kept).
         loss_window: number of observed losses behind ``loss_mean`` and ``loss_std``.
         keep: keep at most this many records in :meth:`history` (None: all).
+        exact: what a sampled step reads in full. ``"all"`` (default): every gradient and
+            moment, for exact norms and non-finite counts (12 B per fp32 param). ``"grad"``:
+            the gradients only (4 B/param: exact ``grad_norm`` and gradient counts); the
+            moment norms of a tensor above ``signals.SAMPLE`` entries are then estimated
+            from the strided sample of m and v (AMSGrad tensors and strided shards still
+            read v in full), and state counts come from the sample. ``exp_avg_sq_norm`` is a
+            fourth power of the gradient scale: with heavy tails its estimate can be off by
+            much more than the other sampled signals.
 
     Records are dicts: ``step`` (calls of ``step()`` so far), ``time``, ``loss``,
     ``loss_mean``, ``loss_std``, ``skipped`` (no tensor advanced), ``skipped_steps`` (the
@@ -209,12 +219,16 @@ class Monitor:
         tensors: bool = True,
         loss_window: int = 128,
         keep: int | None = None,
+        exact: str = "all",
     ) -> None:
         if not isinstance(optimizer, Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer)}")
         if not isinstance(every, int) or every < 1:
             raise ValueError(f"Invalid every={every!r}: must be an int >= 1")
+        if exact not in EXACT_MODES:
+            raise ValueError(f"Invalid exact={exact!r}: must be one of {EXACT_MODES}")
         self.optimizer = optimizer
+        self.exact = exact
         self.every = every
         self.sinks = list(sinks)
         self.tensors = tensors
@@ -396,7 +410,7 @@ class Monitor:
         samples = self._queue_samples(snap, rows, row_of)
         k = np.array([row.entry.k for row in rows], dtype=np.int64)
         samples.queue(transfer, k)
-        norm_batches = _squared_norms(rows, transfer)
+        norm_batches = _squared_norms(rows, transfer, self.exact == "all")
         before = snap.steps
         before.queue(transfer)
         after = StepCounts([row.step_after for row in rows])
@@ -409,12 +423,19 @@ class Monitor:
         norms = np.zeros((T, 3))  # grad_sq, m_sq, v_sq
         exact = np.full((T, S.N_SUMS), np.nan)
         c = S.COLUMNS
+        estimated = np.zeros(T, dtype=bool)
         for idx, handle, fused_rows in norm_batches:
             got = transfer.get(handle).reshape(len(idx), -1)
             if fused_rows:
                 exact[idx] = got
                 got = got[:, [c.grad_sq, c.m_sq, c.v_sq]]
             norms[idx, : got.shape[1]] = got
+            if got.shape[1] == 1:
+                estimated[idx] = [rows[i].has_state for i in idx]
+        if estimated.any():  # moment norms from the sample: sum(x^2) * n / k
+            scale = np.array([row.entry.numel / max(row.entry.k, 1) for row in rows])
+            moments = sampled[estimated][:, [ROW["m"], ROW["v"]], :]
+            norms[estimated, 1:] = np.square(moments).sum(axis=2) * scale[estimated, None]
         steps_before = before.read(transfer)[[row.index for row in rows]]
         steps_after = after.read(transfer)
         no_p0 = np.zeros(T, dtype=bool)
@@ -549,7 +570,7 @@ class Monitor:
         for i, values in enumerate(zip(*columns.values())):
             row = rows[i]
             rec: dict[str, Any] = {"group": row.entry.group, "shape": list(row.entry.shape)}
-            rec.update(numel=row.entry.numel, updated=bool(updated[i]))
+            rec.update(numel=row.entry.numel, sample=row.entry.k, updated=bool(updated[i]))
             if row.has_state:
                 rec["opt_step"] = opt_step[i]
             rec.update(zip(keys, values))
@@ -584,6 +605,7 @@ class Monitor:
             "step": self._calls,
             "time": time.time(),
             "skipped": overall["updated"] == 0,
+            "exact": self.exact,
         }
         skipped_steps = getattr(self.optimizer, "skipped_steps", None)
         if skipped_steps is not None:
@@ -679,10 +701,13 @@ def _norms(sums: dict[str, float], has_state: bool, tensors: int) -> dict[str, f
     }
 
 
-def _squared_norms(rows: list[_Row], transfer: Transfer) -> list[tuple[list[int], tuple, bool]]:
-    """Queue, for every row, sum(g^2) (and sum(m^2), sum(v^2) with state) or, when the
-    optimizer fused them, its exact sums; returns (rows, handle, fused) by batch, the handle's
-    values being the rows' vectors end to end.
+def _squared_norms(
+    rows: list[_Row], transfer: Transfer, moments: bool
+) -> list[tuple[list[int], tuple, bool]]:
+    """Queue, for every row, sum(g^2) (and sum(m^2), sum(v^2) with state, when ``moments``
+    or when the sample cannot stand for them) or, when the optimizer fused them, its exact
+    sums; returns (rows, handle, fused) by batch, the handle's values being the rows' vectors
+    end to end. A batch of one column leaves the moments to the sample.
 
     Plain tensors: one multi-tensor norm per (device, compute dtype) and per kind. Sharded
     (DTensor) params: the sums of the local shards, added up over the shards with one
@@ -693,7 +718,8 @@ def _squared_norms(rows: list[_Row], transfer: Transfer) -> list[tuple[list[int]
     batches: dict[tuple, list[int]] = {}
     for i, row in enumerate(rows):
         fused = row.exact is not None
-        n = S.N_SUMS if fused else 3 if row.has_state else 1
+        full = row.has_state and (moments or not _sample_stands_for_moments(row))
+        n = S.N_SUMS if fused else 3 if full else 1
         dtype = row.exact.dtype if fused else compute_dtype(row.grad)
         mesh, dims = row.shards if row.shards is not None else (None, ())
         key = (row.grad.device, id(mesh), dims, n, dtype, fused)
@@ -715,6 +741,12 @@ def _squared_norms(rows: list[_Row], transfer: Transfer) -> list[tuple[list[int]
                 torch.distributed.all_reduce(stacked, group=mesh.get_group(d))
         out.append((idx, transfer.add(stacked), fused))
     return out
+
+
+def _sample_stands_for_moments(row: _Row) -> bool:
+    """Whether the sample holds raw m and v of the whole tensor: not with AMSGrad (the sample
+    holds the max), nor for a strided shard (its sample is its rank's own)."""
+    return row.vmax is None and (row.sampler.shards is not None or row.shards is None)
 
 
 def _tensor_norms(tensors: list[Tensor], dtype: torch.dtype) -> Tensor:

@@ -46,7 +46,9 @@ synchronisation). The Monitor computes the same quantities without a copy of the
 
 - exactly, with one read of each gradient and of each moment: ``grad_norm``, ``grad_rms``,
   ``exp_avg_norm``, ``exp_avg_sq_norm`` (a fourth power of the gradient scale: too
-  heavy-tailed to estimate from a sample) and the non-finite counts of gradients and state;
+  heavy-tailed to estimate from a sample) and the non-finite counts of gradients and state
+  (``Monitor(exact="grad")`` reads only the gradients in full, to a third of the cost, and
+  takes the moment norms from the sample, scaled as below);
 - from a strided sample of at most ``SAMPLE`` entries per tensor, taken from p before the step
   and from p, m, v after it (every entry of a tensor of up to ``SAMPLE`` entries, so small
   tensors are exact): the update signals, in float64 on the host (:func:`batch_sums`). Sums
