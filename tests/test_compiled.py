@@ -339,39 +339,46 @@ def test_lean_state_and_stochastic_rounding_run_compiled_and_match_eager(
 
 
 @pytest.mark.parametrize(("state_dtype", "tol"), [("float32", 1e-5), ("int8", 2e-2)])
-def test_signal_kernels_return_the_fused_sums_of_the_step(state_dtype: str, tol: float) -> None:
+def test_signal_kernels_return_the_norms_of_the_step(state_dtype: str, tol: float) -> None:
     """On a Monitor's sampled step (``fused_signals_request``) the compiled kernels return
-    :func:`fused_sums` of every param, slots added up (int8: a tail slot after whole blocks).
-    By hand from p before/after, g and the stored moments (int8: decoded, so within the
-    quantisation error of the values the kernel saw)."""
-    from adamkit.diagnostics.signals import fused_sums
-    from adamkit.rule import bias_corrections
+    :func:`fused_norms` of every param, slots added up: float params of 4096 elements or more
+    as rows of SIGNAL_ROW plus a tail slot (70x100: 13 rows + 344; 4097: 7 rows + 513), int8
+    as whole blocks plus a tail block (small params only: one compile fewer). By hand from g
+    and the stored moments (int8: decoded, so within the quantisation error of the values the
+    kernel saw); the params and moments step as a plain compiled step steps them."""
+    from adamkit.diagnostics.signals import fused_norms
 
-    ps = _model([(300, 7), (129,), (64, 33)])
-    opt = adamkit.AdamW(
-        ps, lr=1e-2, weight_decay=0.1, backend="compiled", state_dtype=state_dtype,
-        min_quantized_size=0,
-    )  # fmt: skip
-    _set_grads(ps, 0)
-    opt.step()
-    _set_grads(ps, 1)
-    before = [p.detach().clone() for p in ps]
-    opt.fused_signals_request = True
-    opt.step()
+    shapes = [(300, 7), (129,), (64, 33)]
+    if state_dtype == "float32":  # rows (int8 slots are blocks, whatever their size)
+        shapes += [(70, 100), (64, 128), (4097,)]
+    opts = []
+    for request in (True, False):
+        ps = _model(shapes)
+        opt = adamkit.AdamW(
+            ps, lr=1e-2, weight_decay=0.1, backend="compiled", state_dtype=state_dtype,
+            min_quantized_size=0,
+        )  # fmt: skip
+        for step in range(2):
+            _set_grads(ps, step)
+            opt.fused_signals_request = request and step == 1
+            opt.step()
+        opts.append((ps, opt))
+    (ps, opt), (plain_ps, plain) = opts
     got = opt.fused_signal_sums
     assert set(got) == set(ps)
-    bc1, bc2 = bias_corrections(2.0, 0.9, 0.999)
-    for p, p0 in zip(ps, before):
+    for p, q in zip(ps, plain_ps):
         state = opt.decoded_state(p)
-        want = fused_sums(
-            p0.flatten(), p.detach().flatten(), p.grad.flatten(), state["exp_avg"].flatten(),
-            state["exp_avg_sq"].flatten(), None, bc1, bc2, 1e-8,
-        )  # fmt: skip
-        assert got[p].shape == want.shape
-        sums, counts = slice(0, 7), slice(7, None)  # Sums' columns: 7 sums, then 3 counts
-        assert torch.allclose(got[p][sums], want[sums], rtol=tol, atol=1e-6), (p.shape, got[p])
-        # int8: an entry whose |u| or sqrt(v_hat) sits within the quantisation error of a
-        # threshold may count on the other side by hand (the kernel counts the unquantised
-        # values): up to 5% of the entries (measured: 3 of 129 with the minifloat map)
-        slack = 0.0 if state_dtype == "float32" else 0.05 * p.numel()
-        assert (got[p][counts] - want[counts]).abs().max() <= slack, (p.shape, got[p], want)
+        want = fused_norms(
+            p.grad.flatten(), state["exp_avg"].flatten(), state["exp_avg_sq"].flatten()
+        )
+        assert got[p].shape == want.shape == (3,)
+        assert torch.allclose(got[p], want, rtol=tol, atol=1e-9), (p.shape, got[p], want)
+        assert torch.allclose(p, q, rtol=1e-6, atol=0), p.shape
+        other = plain.decoded_state(q)
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert torch.allclose(state[key], other[key], rtol=1e-6, atol=0), (p.shape, key)
+    plan = opt._executor._plans[0]
+    assert plan.eager == [] and plan.failed == []
+    if state_dtype == "float32":  # the rows of 70x100 and of 4097 are slots of their own
+        sizes = sorted(slot.numel for call in plan.calls for slot in call.slots)
+        assert {6656, 344, 3584, 513, 8192} <= set(sizes), sizes

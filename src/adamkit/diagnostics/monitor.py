@@ -29,9 +29,12 @@ but no update signals.
 Fused signals (for executors that fuse the step): an optimizer whose attribute
 ``supports_fused_signals`` is ``True`` finds ``fused_signals_request = True`` (and
 ``fused_signal_sums = None``) set before a sampled step; it then leaves ``fused_signal_sums``,
-a dict param -> the vector :func:`adamkit.diagnostics.signals.fused_sums` computes (exact sums
-and counts over the whole tensor, from the values inside its kernel), for every param it
-stepped. For those params the Monitor takes every signal from the sums but the effective-lr
+a dict param -> a vector computed inside its kernel, for every param it stepped: either the
+three squared norms of :func:`adamkit.diagnostics.signals.fused_norms` (what adamkit's
+compiled executor gives: the Monitor then reads no gradient or moment in full, and takes the
+rest from its sample as usual), or the vector of
+:func:`adamkit.diagnostics.signals.fused_sums` (exact sums and counts over the whole tensor).
+For the params with full sums the Monitor takes every signal from the sums but the effective-lr
 percentiles, which come from a sample of v: it reads no gradient or moment in full, samples
 only v, and counts no non-finite entry itself. When every param had sums at the previous
 sampled step, the pre-hook takes no sample of p either; a param then left without sums has no
@@ -134,6 +137,7 @@ class _Row:
     v: Tensor | None = None  # raw exp_avg_sq
     vmax: Tensor | None = None  # AMSGrad's max_exp_avg_sq, the v the denominator used
     exact: Tensor | None = None  # fused sums from the optimizer
+    norms: Tensor | None = None  # the optimizer's squared norms of g, m and v
     step_after: Any = None
     # for sharded.gather_samples_: the local sample rows, then the gathered ones
     sample: list[Tensor] | None = None
@@ -400,8 +404,11 @@ class Monitor:
                 if vmax is not None and hyper[e.group].amsgrad:
                     row.vmax = real(vmax)
                 row.step_after = st.get("step") if st else None
-                if fused:
-                    row.exact = fused.get(p)
+                given = fused.get(p) if fused else None
+                if given is not None and given.numel() == len(S.NORM_SUMS):
+                    row.norms = given
+                else:
+                    row.exact = given
             row_of[index] = len(rows)
             rows.append(row)
         layout.fused_last = bool(fused) and all(row.exact is not None for row in rows)
@@ -428,7 +435,7 @@ class Monitor:
             got = transfer.get(handle).reshape(len(idx), -1)
             if fused_rows:
                 exact[idx] = got
-                got = got[:, [c.grad_sq, c.m_sq, c.v_sq]]
+                got = got[:, [getattr(c, key) for key in S.NORM_SUMS]]
             norms[idx, : got.shape[1]] = got
             if got.shape[1] == 1:
                 estimated[idx] = [rows[i].has_state for i in idx]
@@ -705,9 +712,10 @@ def _squared_norms(
     rows: list[_Row], transfer: Transfer, moments: bool
 ) -> list[tuple[list[int], tuple, bool]]:
     """Queue, for every row, sum(g^2) (and sum(m^2), sum(v^2) with state, when ``moments``
-    or when the sample cannot stand for them) or, when the optimizer fused them, its exact
-    sums; returns (rows, handle, fused) by batch, the handle's values being the rows' vectors
-    end to end. A batch of one column leaves the moments to the sample.
+    or when the sample cannot stand for them), the three squared norms the optimizer gave,
+    or, when the optimizer fused them all, its exact sums; returns (rows, handle, fused)
+    by batch, the handle's values being the rows' vectors end to end. A batch of one column
+    leaves the moments to the sample.
 
     Plain tensors: one multi-tensor norm per (device, compute dtype) and per kind. Sharded
     (DTensor) params: the sums of the local shards, added up over the shards with one
@@ -718,14 +726,18 @@ def _squared_norms(
     batches: dict[tuple, list[int]] = {}
     for i, row in enumerate(rows):
         fused = row.exact is not None
+        given = "given" if row.norms is not None else ""
         full = row.has_state and (moments or not _sample_stands_for_moments(row))
-        n = S.N_SUMS if fused else 3 if full else 1
+        n = S.N_SUMS if fused else 3 if full or given else 1
         dtype = row.exact.dtype if fused else compute_dtype(row.grad)
         mesh, dims = row.shards if row.shards is not None else (None, ())
-        key = (row.grad.device, id(mesh), dims, n, dtype, fused)
+        key = (row.grad.device, id(mesh), dims, n, dtype, fused or given)
         batches.setdefault(key, []).append(i)
     for (_, _, dims, n, dtype, fused), idx in batches.items():
-        if fused:
+        if fused == "given":
+            stacked = torch.stack([rows[i].norms.reshape(-1).to(dtype) for i in idx])
+            fused = False
+        elif fused:
             stacked = torch.stack([rows[i].exact.reshape(-1) for i in idx])
             if stacked.shape[1] != S.N_SUMS:
                 raise ValueError(

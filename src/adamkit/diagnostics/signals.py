@@ -257,6 +257,27 @@ def fused_sums(
     return torch.cat([sums, counts.to(sums.dtype)])
 
 
+NORM_SUMS = ("grad_sq", "m_sq", "v_sq")
+"""The columns of :func:`fused_norms`."""
+
+
+def norm_sums(grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor) -> tuple[Tensor, ...]:
+    """sum g^2, sum m^2 and sum v^2 over the last dimension (the columns of
+    :func:`fused_norms`, apart)."""
+    return grad.square().sum(-1), exp_avg.square().sum(-1), exp_avg_sq.square().sum(-1)
+
+
+def fused_norms(grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor) -> Tensor:
+    """(sum g^2, sum m^2, sum v^2) over the last dimension, stacked last: ``[..., 3]``.
+
+    What adamkit's compiled step hands a Monitor: the squared norms of the gradient and of
+    the new raw moments, the quantities that need every entry; the Monitor takes the other
+    signals from its sample. Over ``[rows, n]`` inputs the sums stay per row, so that a
+    compiler can put each row's sums in the loop that writes the row.
+    """
+    return torch.stack(norm_sums(grad, exp_avg, exp_avg_sq), -1)
+
+
 FINITE_SUMS = ("grad_sq", "param_sq", "delta_sq", "update_sq", "v_hat_sum", "m_sq", "v_sq")
 """Columns of :func:`fused_sums` that are finite exactly when g, p0, p1, m, v and vmax are
 (or when a huge finite value overflows a square: then a count finds nothing)."""

@@ -207,18 +207,17 @@ class CompiledExecutor:
         if betas is not None and calls:
             try:
                 calls = plan.signal_calls()
-                plan.fill_corrections(steps, betas)
             except CompileUnavailable:
                 calls, betas = plan.calls, None  # no sums: the Monitor measures itself
         plan.stage_in(grads)
         for k, call in enumerate(calls):
             args = call.args
-            for pos, i, numel, row in call.grad_slots:
+            for pos, i, offset, numel, row in call.grad_slots:
                 g = grads[i]
                 if type(g) is not Tensor:
                     g = local_grad(plan.params[i], g)  # FSDP2: the local shard
                 g = g if g.dim() == 1 else g.ravel()  # 1-d (a view): see Kernel.arguments
-                g = g if numel is None else g.narrow(0, 0, numel)
+                g = g if numel is None else g.narrow(0, offset, numel)
                 args[pos] = g.view(-1, row) if row else g  # block-wise: rows of whole blocks
             try:
                 out = call.kernel.fn(*args)

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from adamkit.diagnostics.signals import fused_sums
+from adamkit.diagnostics.signals import norm_sums
 from adamkit.execution.eager import write_param_
 from adamkit.execution.multi_tensor import moment_keys
 from adamkit.rule import StepScalars, UpdateFlags, adam_update, step_scalars
@@ -61,6 +61,11 @@ MINIFLOAT_OPTIONS: dict[str, Any] = {
 }
 """Inductor config added for minifloat block-wise codecs: never store an intermediate for
 reuse."""
+
+SIGNAL_ROW = 512
+"""Elements per row of a signals kernel's float slots (a row of p, g, m, v: 8 KiB in fp32)."""
+
+MOMENT_NAMES = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 
 _COMPILE_FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 _NUM_SCALARS = len(StepScalars._fields)
@@ -136,10 +141,12 @@ def _chunk_function(spec: KernelSpec) -> Callable:
     stepped in a zero-padded slot of one block). The body is the eager executor's
     :func:`update_param_`, minus its DTensor and complex handling.
 
-    With ``spec.signals`` the function also returns, for each slot, the exact sums of
-    :func:`adamkit.diagnostics.signals.fused_sums` (a ``[width, N_SUMS]`` float32 tensor),
-    computed from the values the step has at hand; ``corrections[i]`` is the float32 pair
-    (1 - beta1^t, 1 - beta2^t) of slot i (read by these kernels only).
+    With ``spec.signals`` the function also returns, for each slot, the squared norms of
+    :func:`adamkit.diagnostics.signals.fused_norms` (a ``[width, 3]`` float32 tensor: g and
+    the new m and v), computed from the values the step has at hand. Float slots of such a
+    kernel outside small chunks arrive as ``[rows, SIGNAL_ROW]`` (:func:`signal_rows`), so
+    that each row's sums share a loop with the row's writes. ``corrections`` is unused (kept
+    in the signature of every kernel).
     """
     codec, flags, width, sr = spec.codec, spec.flags, spec.width, spec.stochastic_param
     f32 = torch.float32
@@ -147,11 +154,51 @@ def _chunk_function(spec: KernelSpec) -> Callable:
     rows = minifloat(codec)  # minifloat codes are traced as rows (one outer loop per block)
     keys = moment_keys(flags)
     signals = spec.signals
+    tie = signals and signal_rows(spec)  # float slots arrive as [rows, SIGNAL_ROW]
+
+    def step_region(param, grad, state_in, state, s, key, inside):
+        """Step one slot; with ``signals`` return its (sum g^2, sum m^2, sum v^2)."""
+        shape = param.shape
+        g32 = grad.to(f32)
+        out = adam_update(
+            param.to(f32),
+            g32,
+            codec.decode(state_in, "exp_avg", shape, f32),
+            codec.decode(state_in, "exp_avg_sq", shape, f32),
+            codec.decode(state_in, "max_exp_avg_sq", shape, f32) if flags.amsgrad else None,
+            s,
+            flags,
+        )
+        new_param = out.param
+        moments = {k: v for k, v in zip(MOMENT_NAMES, out[1:]) if k in keys}
+        if inside is not None:
+            # A tail slot's elements past the tensor's end are zero, as the eager path pads
+            # them: no influence on the block's scale or codes (nor on the sums).
+            moments = {k: torch.where(inside, v, 0.0) for k, v in moments.items()}
+        norms = None
+        if signals:
+            sums = norm_sums(g32, moments["exp_avg"], moments["exp_avg_sq"])
+            if tie:
+                # Float rows: every write reads its row's sums through a no-op select, so
+                # that inductor puts a row's sums and its writes under one outer loop and
+                # the row is read from memory once (measured +9-17% on a 4.5M slot, where
+                # untied sums take a loop of their own: docs/benchmarks.md).
+                # (The select reads a sum itself: a stacked copy of the sums would be a
+                # buffer of its own, and the writes would leave the rows' loop.)
+                ok = (sums[0] == sums[0])[:, None]
+                new_param = torch.where(ok, new_param, new_param)
+                moments = {k: torch.where(ok, v, v) for k, v in moments.items()}
+            norms = torch.stack(sums, -1).reshape(-1, 3).sum(0)
+        write_param_(param, new_param.view(param.shape), sr, key)
+        for name in keys:
+            codec.encode_(state, name, moments[name], key)
+        return norms
 
     def adamkit_chunk(params, grads, states, scalars, ints, corrections):
         sums = []
         for i in range(width):
             param, grad, state = params[i], grads[i], states[i]
+            state_in, inside = state, None
             if block:
                 # The executor passes whole blocks as [blocks, block] rows; the scales' views
                 # tie their sizes to the rows (no padding, no masked load is traced).
@@ -165,49 +212,11 @@ def _chunk_function(spec: KernelSpec) -> Callable:
                     # 4.5M-element slot: as rows, inductor stores more intermediates)
                     param, grad = param.view(blocks * block), grad.view(blocks * block)
                     state_in = {name: t.view(-1) for name, t in state_in.items()}
-            else:
-                state_in = state
-            s = StepScalars(*scalars[i].unbind(0))
-            shape = param.shape
-            # the param before the step; a copy when the signals read it after the write
-            # (for fp32, ``to`` returns the param itself, which the step overwrites)
-            p0 = param.to(f32, copy=signals)
-            out = adam_update(
-                p0,
-                grad.to(f32),
-                codec.decode(state_in, "exp_avg", shape, f32),
-                codec.decode(state_in, "exp_avg_sq", shape, f32),
-                codec.decode(state_in, "max_exp_avg_sq", shape, f32) if flags.amsgrad else None,
-                s,
-                flags,
-            )
-            key = ShardKey(ints[i, 0], ints[i, 1])
-            write_param_(params[i], out.param.view(params[i].shape), sr, key)
-            moments = dict(zip(("exp_avg", "exp_avg_sq", "max_exp_avg_sq"), out[1:]))
-            if block:
-                # A tail slot's elements past the tensor's end are zero, as the eager path
-                # pads them: no influence on the block's scale or codes.
                 index = torch.arange(param.numel(), dtype=torch.int32, device=param.device)
-                inside = index.view(shape) < ints[i, 2].to(torch.int32)
-                moments = {k: torch.where(inside, v, 0.0) for k, v in moments.items() if k in keys}
-            for name in keys:
-                codec.encode_(state, name, moments[name], key)
-            if signals:
-                if block:
-                    p0 = torch.where(inside, p0, 0.0)  # a staging block's padding: no entries
-                sums.append(
-                    fused_sums(
-                        p0,
-                        out.param,
-                        grad.to(f32),
-                        moments["exp_avg"],
-                        moments["exp_avg_sq"],
-                        moments.get("max_exp_avg_sq"),
-                        corrections[i, 0],
-                        corrections[i, 1],
-                        s.eps,
-                    )
-                )
+                inside = index.view(param.shape) < ints[i, 2].to(torch.int32)
+            s = StepScalars(*scalars[i].unbind(0))
+            key = ShardKey(ints[i, 0], ints[i, 1])
+            sums.append(step_region(param, grad, state_in, state, s, key, inside))
         if signals:
             return torch.stack(sums)
         return None
@@ -292,6 +301,10 @@ def _example_inputs(spec: KernelSpec, device: torch.device) -> dict[str, Any]:
             block * {"uniform": 17, "mixed": 17 + i, "small": 2}[spec.layout]
             for i in range(spec.width)
         ]
+    elif signal_rows(spec):  # whole rows
+        sizes = [
+            SIGNAL_ROW * {"uniform": 9, "mixed": 9 + i}[spec.layout] for i in range(spec.width)
+        ]
     else:
         sizes = [
             {"uniform": 4098, "mixed": 4096 + 32 * (i + 1), "small": 300 + 2 * (i + 1)}[spec.layout]
@@ -306,6 +319,9 @@ def _example_inputs(spec: KernelSpec, device: torch.device) -> dict[str, Any]:
             state.update(spec.codec.allocate(p, key))
         if block:
             p, grad, state = as_rows(p, block), as_rows(grad, block), rows_of_codes(state)
+        elif signal_rows(spec):
+            p, grad = as_rows(p, SIGNAL_ROW), as_rows(grad, SIGNAL_ROW)
+            state = {name: as_rows(t, SIGNAL_ROW) for name, t in state.items()}
         params.append(p)
         grads.append(grad)
         states.append(state)
@@ -323,6 +339,12 @@ def _example_inputs(spec: KernelSpec, device: torch.device) -> dict[str, Any]:
         "ints": ints,
         "corrections": corrections,
     }
+
+
+def signal_rows(spec: KernelSpec) -> bool:
+    """Whether ``spec``'s kernel takes its float slots as ``[rows, SIGNAL_ROW]``: a signals
+    kernel of a float codec outside small chunks (the plan cuts such slots to whole rows)."""
+    return spec.signals and not block_of(spec.codec) and spec.layout != "small"
 
 
 def as_rows(t: Tensor, block: int) -> Tensor:
@@ -440,7 +462,7 @@ def _self_test(kernel: Kernel, traced: Callable, inputs: dict[str, Any]) -> None
     if spec.signals:
         have_sums = outputs[0]
         if not torch.allclose(have_sums, want_sums, rtol=1e-4, atol=1e-6):
-            raise CompileUnavailable("compiled signal sums disagree with fused_sums (self-test)")
+            raise CompileUnavailable("compiled signal sums disagree with fused_norms (self-test)")
     shapes = [p.shape for p in expected["params"]]
     pairs = list(zip(expected["params"], got["params"]))
     for s_exp, s_got, shape in zip(expected["states"], got["states"], shapes):
@@ -529,12 +551,18 @@ def dummy_inputs(spec: KernelSpec, device: torch.device, slot: int) -> dict[str,
     """Padding for slot ``slot`` of a chunk: a tiny param, grad and state that nobody reads."""
     key = (spec, str(device), slot)
     if key not in _DUMMIES:
-        block = block_of(spec.codec)
-        p = torch.zeros(block or 16, dtype=spec.param_dtype, device=device)
+        block = block_of(spec.codec) or (SIGNAL_ROW if signal_rows(spec) else 0)
+        size = 2 * block if signal_rows(spec) else block or 16  # rows: never 0 or 1 of them
+        p = torch.zeros(size, dtype=spec.param_dtype, device=device)
         state: dict[str, Tensor] = {}
         for name in moment_keys(spec.flags):
             state.update(spec.codec.allocate(p, name))
         if block:
-            p, state = as_rows(p, block), rows_of_codes(state)
+            p = as_rows(p, block)
+            state = (
+                {n: as_rows(t, block) for n, t in state.items()}
+                if signal_rows(spec)
+                else (rows_of_codes(state))
+            )
         _DUMMIES[key] = {"param": p, "grad": torch.zeros_like(p), "state": state}
     return _DUMMIES[key]

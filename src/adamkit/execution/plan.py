@@ -29,12 +29,14 @@ from torch import Tensor
 from adamkit.execution.kernels import (
     _COMPILE_FLOATS,
     _NUM_SCALARS,
+    SIGNAL_ROW,
     CompileUnavailable,
     Kernel,
     KernelSpec,
     block_of,
     dummy_inputs,
     get_kernel,
+    signal_rows,
 )
 from adamkit.execution.multi_tensor import moment_keys
 from adamkit.rule import StepScalars, UpdateFlags
@@ -85,6 +87,31 @@ def compiled_eligible(param: Tensor, codec, stochastic_param: bool) -> bool:
     )
 
 
+def _as_signal_rows(
+    spec: KernelSpec, device: torch.device, inputs: dict, used: int
+) -> tuple[dict, int]:
+    """A chunk's inputs with its float slots as ``[rows, SIGNAL_ROW]`` views (the padding
+    slots replaced by the signal kernel's dummies) and the grads' row length."""
+
+    def rows(t: Tensor) -> Tensor:
+        if t.numel() % SIGNAL_ROW:
+            raise CompileUnavailable(f"a slot of {t.numel()} elements is no whole rows")
+        return t.view(-1, SIGNAL_ROW)
+
+    params, grads, states = [], [], []
+    for k in range(spec.width):
+        if k < used:
+            params.append(rows(inputs["params"][k]))
+            grads.append(rows(inputs["grads"][k]))
+            states.append({name: rows(t) for name, t in inputs["states"][k].items()})
+        else:
+            dummy = dummy_inputs(spec, device, k)
+            params.append(dummy["param"])
+            grads.append(dummy["grad"])
+            states.append(dummy["state"])
+    return {**inputs, "params": params, "grads": grads, "states": states}, SIGNAL_ROW
+
+
 def needs_random(spec: KernelSpec) -> bool:
     """Whether ``spec``'s kernel draws random numbers (stochastic rounding somewhere)."""
     codec = spec.codec
@@ -104,26 +131,30 @@ class _Slot:
     numel: int
     start: int  # index of the slot's first element in the param (random streams)
     valid: int  # elements that are the param's (the rest of a staging block is padding)
-    grad_numel: int | None  # the grad's leading elements to pass; None: the whole grad (1-d)
+    grad_numel: int | None  # the grad's elements to pass (from grad_offset); None: all (1-d)
     # (for a block-wise codec, passed as rows of ``param.shape[1]``)
     staged: tuple[int, int] | None  # (offset, length) of a tail copied through staging
+    grad_offset: int = 0  # where the slot's elements start in the (flat) grad
 
 
 @dataclass
 class _Call:
     kernel: Kernel
     args: list
-    # (position in args, plan index, numel, row length: 0 for 1-d)
-    grad_slots: list[tuple[int, int, int | None, int]]
+    # (position in args, plan index, offset, numel, row length: 0 for 1-d)
+    grad_slots: list[tuple[int, int, int, int | None, int]]
     members: list[int]  # indices of the params in the plan, slot by slot
     inputs: dict  # the traced function's inputs (to build the signals variant of the call)
     slots: list  # the _Slot of each member
 
     @staticmethod
-    def build(kernel: Kernel, inputs: dict, chunk: list) -> _Call:
+    def build(kernel: Kernel, inputs: dict, chunk: list, row: int | None = None) -> _Call:
+        """``row``: the length of the rows the grads are passed as (default: the codec's
+        block; 0 for 1-d)."""
         args, positions = kernel.arguments(inputs)
+        row = block_of(kernel.spec.codec) if row is None else row
         grad_slots = [
-            (pos, chunk[k].index, chunk[k].grad_numel, block_of(kernel.spec.codec))
+            (pos, chunk[k].index, chunk[k].grad_offset, chunk[k].grad_numel, row)
             for pos, k in positions
             if k < len(chunk) and chunk[k].staged is None
         ]
@@ -236,9 +267,12 @@ class GroupPlan:
         block (stepped in a zero-padded staging block, copied in and out around the kernels).
 
         Float codecs get 1-d views (the kernels read sizes that are no graph input as
-        ``size(0)``). Block-wise codecs get ``[blocks, block]`` rows of the param and
-        ``[blocks, bytes per block]`` rows of the codes (scales stay 1-d): a block's scale and
-        its codes are then computed in one outer loop over rows.
+        ``size(0)``); a param of at least ``SMALL_NUMEL`` elements is cut into whole rows of
+        ``SIGNAL_ROW`` and a tail of 2 to 513 elements (two slots, both in place), so that
+        signal kernels can take its rows as ``[rows, SIGNAL_ROW]``. Block-wise codecs get
+        ``[blocks, block]`` rows of the param and ``[blocks, bytes per block]`` rows of the
+        codes (scales stay 1-d): a block's scale and its codes are then computed in one outer
+        loop over rows.
         """
         param = local(self.params[i]).view(-1)
         base = shard_start(self.params[i]) if is_dtensor(self.params[i]) else 0
@@ -246,7 +280,26 @@ class GroupPlan:
         n = param.numel()
         block = block_of(codec)
         if not block:
-            return [_Slot(i, param, state, n, base, n, None, None)]
+            cut = n // SIGNAL_ROW * SIGNAL_ROW if n >= SMALL_NUMEL else n
+            if n - cut == 1:  # no slot of one element: sizes 0 and 1 are specialised
+                cut -= SIGNAL_ROW
+            if cut == n:
+                return [_Slot(i, param, state, n, base, n, None, None)]
+            rem = n - cut
+            return [
+                _Slot(
+                    i,
+                    param.narrow(0, start, length),
+                    {name: t.narrow(0, start, length) for name, t in state.items()},
+                    length,
+                    base + start,
+                    length,
+                    length,
+                    None,
+                    start,
+                )
+                for start, length in ((0, cut), (cut, rem))
+            ]
         blocks, rem = divmod(n, block)
         total = blocks + (rem > 0)
         per_block = {name: t.numel() // total for name, t in state.items()}  # codes, scales
@@ -425,24 +478,21 @@ class GroupPlan:
         return out, common
 
     def signal_calls(self) -> list[_Call]:
-        """The plan's calls with kernels that also return the slots' fused signal sums
-        (compiled on first use; built once per plan)."""
+        """The plan's calls with kernels that also return the slots' squared norms (compiled
+        on first use; built once per plan). Float slots outside small chunks are passed as
+        ``[rows, SIGNAL_ROW]`` (whole rows: see :meth:`_slots`)."""
         if self._signal_calls is None:
             built = []
             for call in self.calls:
                 spec = dataclasses.replace(call.kernel.spec, signals=True)
-                kernel = get_kernel(spec, call.inputs["params"][0].device)
-                built.append(_Call.build(kernel, call.inputs, call.slots))
+                device = call.inputs["params"][0].device
+                kernel = get_kernel(spec, device)
+                inputs, row = call.inputs, None
+                if signal_rows(spec):
+                    inputs, row = _as_signal_rows(spec, device, inputs, len(call.slots))
+                built.append(_Call.build(kernel, inputs, call.slots, row))
             self._signal_calls = built
         return self._signal_calls
-
-    def fill_corrections(self, steps: list[float], betas: tuple[float, float]) -> None:
-        """Write (1 - beta1^t, 1 - beta2^t) of every slot into the buckets' tables."""
-        beta1, beta2 = betas
-        for bucket in self.buckets:
-            t = torch.tensor([steps[i] for i in bucket.members], dtype=torch.float64)
-            values = torch.stack([1 - beta1**t, 1 - beta2**t], dim=1).to(torch.float32)
-            bucket.corrections[bucket.rows] = values.to(bucket.device)
 
     def collect_sums(self, outputs: list[tuple[_Call, Tensor]]) -> dict[int, Tensor]:
         """Per param (plan index), its slots' signal sums added up."""
