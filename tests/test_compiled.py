@@ -8,6 +8,7 @@ groups, grad None, the state layout), not speed.
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import pytest
@@ -358,6 +359,7 @@ def test_signal_kernels_return_the_norms_of_the_step(state_dtype: str, tol: floa
             ps, lr=1e-2, weight_decay=0.1, backend="compiled", state_dtype=state_dtype,
             min_quantized_size=0,
         )  # fmt: skip
+        opt.fused_signals = True  # from the first sampled step ("auto" waits for a payoff)
         for step in range(2):
             _set_grads(ps, step)
             opt.fused_signals_request = request and step == 1
@@ -382,3 +384,69 @@ def test_signal_kernels_return_the_norms_of_the_step(state_dtype: str, tol: floa
     if state_dtype == "float32":  # the rows of 70x100 and of 4097 are slots of their own
         sizes = sorted(slot.numel for call in plan.calls for slot in call.slots)
         assert {6656, 344, 3584, 513, 8192} <= set(sizes), sizes
+
+
+def test_signal_kernels_follow_fused_signals() -> None:
+    """fused_signals: False never hands sums over (the Monitor measures itself), "auto" does
+    once the kernels exist in the process (their compile already paid), True does; anything
+    else is refused by name."""
+    shapes = [(300, 7), (129,), (64, 33)]
+    got = {}
+    for mode in (True, False, "auto"):  # True first: it compiles the kernels for "auto"
+        ps = _model(shapes)
+        opt = adamkit.AdamW(ps, lr=1e-2, weight_decay=0.1, backend="compiled")
+        opt.fused_signals = mode
+        _set_grads(ps, 0)
+        opt.fused_signals_request = True
+        opt.step()
+        got[mode] = len(opt.fused_signal_sums)  # params handed sums
+    assert got == {True: 3, "auto": 3, False: 0}
+    opt.fused_signals = "yes"
+    with pytest.raises(ValueError, match="fused_signals='yes'"):
+        opt.supports_fused_signals  # noqa: B018
+
+
+def test_signal_policy_compiles_once_the_reads_saved_pay_for_it() -> None:
+    """Ski rental: each sampled step without the kernels adds the read of g, m, v that they
+    would have saved; the kernels are compiled once that reaches COMPILE_SECONDS per missing
+    kernel, and at once when none is missing."""
+    from adamkit.execution.compiled import SignalPolicy
+
+    class Plan:
+        buckets: list = []
+        missing = 2
+
+        def missing_signal_kernels(self):
+            return self.missing
+
+        def compiled_numel(self):
+            return 100_000_000
+
+    plan, policy = Plan(), SignalPolicy()
+    per_step = 100_000_000 * SignalPolicy.READ_BYTES / SignalPolicy.READ_RATE["cpu"]
+    needed = math.ceil(2 * SignalPolicy.COMPILE_SECONDS / per_step)
+    answers = [policy.observe(plan) for _ in range(needed)]
+    assert answers[-1] and not any(answers[:-1]), (needed, answers.index(True))
+    plan.missing = 0
+    assert SignalPolicy().observe(plan)
+
+
+def test_auto_fused_signals_never_compile_on_a_short_run() -> None:
+    """With "auto" (default) a sampled step whose signal kernels are not compiled yet is
+    served by the plain kernels (no sums: the Monitor measures itself) and compiles nothing;
+    a small model would need far more sampled steps than a test runs for them to pay."""
+    ps = _model([(300, 7), (129,), (64, 33)])
+    opt = adamkit.AdamW(ps, lr=1e-2, amsgrad=True, maximize=True, backend="compiled")
+    _set_grads(ps, 0)
+    opt.step()
+    group_plan = opt._executor._plans[0]
+    missing = group_plan.missing_signal_kernels()
+    compiles = compile_stats().compiles
+    for step in range(1, 4):
+        _set_grads(ps, step)
+        opt.fused_signals_request = True
+        opt.step()
+        assert len(opt.fused_signal_sums) == (0 if missing else 3)
+    if missing:  # (kernels another test compiled would be used at once)
+        assert compile_stats().compiles == compiles
+        assert group_plan.missing_signal_kernels() == missing

@@ -324,6 +324,8 @@ class Adam(Optimizer):
             return loss
         self._amp_unscale_()
         executor = self._step_executor()
+        if executor is not None:
+            executor.fused_signals = self.fused_signals
         offset = 0
         for group_index, group in enumerate(self.param_groups):
             if executor is not None:
@@ -386,17 +388,24 @@ class Adam(Optimizer):
             signals,
         )
 
-    fused_signals = True
-    """Hand a Monitor the squared norms of g, m and v from the compiled kernels on its sampled
-    steps (:func:`adamkit.diagnostics.signals.fused_norms`), instead of its own pass over
-    them. Float params are stepped as rows there, each row's sums in the loop that writes it:
-    measured +9-17% on the step that is sampled, against +25-35% for a separate pass over the
-    gradients alone (docs/benchmarks.md). Set False to have the Monitor read them itself."""
+    fused_signals: bool | str = "auto"
+    """Whether the compiled kernels hand a Monitor the squared norms of g, m and v on its
+    sampled steps (:func:`adamkit.diagnostics.signals.fused_norms`), sparing it its own pass
+    over them. Float params are stepped as rows there, each row's sums in the loop that writes
+    it: measured +3-12% on a sampled step, against +25-35% for a separate pass over the
+    gradients alone (docs/benchmarks.md). The signal kernels are compiled on first use: True
+    uses them from the first sampled step, False never, "auto" (default) once the reads they
+    save would have paid for their compile (:class:`adamkit.execution.compiled.SignalPolicy`):
+    a Monitor never makes a short run wait for a compiler."""
 
     @property
     def supports_fused_signals(self) -> bool:
         """Whether a Monitor's sampled step gets exact signal sums from the compiled kernels
         (``fused_signal_sums``, by param; see :mod:`adamkit.diagnostics.monitor`)."""
+        if self.fused_signals not in (True, False, "auto"):
+            raise ValueError(
+                f"Invalid fused_signals={self.fused_signals!r}: must be True, False or 'auto'"
+            )
         return bool(self.fused_signals) and getattr(self, "backend", "auto") != "eager"
 
     @staticmethod

@@ -520,6 +520,12 @@ def get_kernel(spec: KernelSpec, device: torch.device) -> Kernel:
         return kernel
 
 
+def is_compiled(spec: KernelSpec) -> bool:
+    """Whether ``spec``'s kernel was compiled in this process (and did not fail)."""
+    with _LOCK:
+        return isinstance(_KERNELS.get(spec), Kernel)
+
+
 def mark_failed(spec: KernelSpec, error: Exception) -> CompileUnavailable:
     """Record that ``spec``'s kernel failed at run time: it is not handed out again."""
     failure = CompileUnavailable(f"{type(error).__name__}: {error}")

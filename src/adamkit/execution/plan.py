@@ -36,6 +36,7 @@ from adamkit.execution.kernels import (
     block_of,
     dummy_inputs,
     get_kernel,
+    is_compiled,
     signal_rows,
 )
 from adamkit.execution.multi_tensor import moment_keys
@@ -241,6 +242,7 @@ class GroupPlan:
                 self.failed.extend(members)
         self.calls = [call for bucket in self.buckets for call in bucket.calls]
         self._signal_calls: list[_Call] | None = None
+        self.signal_policy = None  # the executor's SignalPolicy for this plan
 
     def _bind_steps(self) -> None:
         """Move the params' step counters into one buffer; state['step'] become its views."""
@@ -476,6 +478,15 @@ class GroupPlan:
             out.append(float(state["step"]))
         common = out[0] if all(s == out[0] for s in out) else None
         return out, common
+
+    def missing_signal_kernels(self) -> int:
+        """How many of the plan's signal kernels are not compiled yet in this process."""
+        specs = {dataclasses.replace(call.kernel.spec, signals=True) for call in self.calls}
+        return sum(not is_compiled(spec) for spec in specs)
+
+    def compiled_numel(self) -> int:
+        """Elements of the params that the kernels step."""
+        return sum(slot.numel for call in self.calls for slot in call.slots)
 
     def signal_calls(self) -> list[_Call]:
         """The plan's calls with kernels that also return the slots' squared norms (compiled
