@@ -200,13 +200,33 @@ class Samples:
         _, R, K = out.shape
         flat = out.reshape(-1)
         for handle, rows, kinds, sizes in self._queued:
+            dest, keep = _destinations(R, K, rows, kinds, sizes)
             values = transfer.get(handle)
-            starts = (rows * R + kinds) * K
-            ends = np.cumsum(sizes)
-            dest = np.repeat(starts - (ends - sizes), sizes) + np.arange(ends[-1])
-            keep = np.repeat(rows >= 0, sizes)
-            flat[dest[keep]] = values[keep]
+            flat[dest] = values if keep is None else values[keep]
         self._queued = []
+
+
+_DESTINATIONS: dict[tuple, tuple[np.ndarray, np.ndarray | None]] = {}
+
+
+def _destinations(
+    R: int, K: int, rows: np.ndarray, kinds: np.ndarray, sizes: np.ndarray
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Where the values of samples of ``sizes`` entries, end to end, go in a flat [T, R, K]
+    array (rows < 0 dropped: the mask of the values kept, None for all). The same layout
+    recurs every sampled step, so the index arrays are kept (at most 64 layouts)."""
+    key = (R, K, rows.tobytes(), np.asarray(kinds).tobytes(), np.asarray(sizes).tobytes())
+    found = _DESTINATIONS.get(key)
+    if found is None:
+        starts = (rows * R + kinds) * K
+        ends = np.cumsum(sizes)
+        dest = np.repeat(starts - (ends - sizes), sizes) + np.arange(ends[-1])
+        keep = np.repeat(rows >= 0, sizes)
+        found = (dest[keep], None if keep.all() else keep)
+        if len(_DESTINATIONS) >= 64:
+            _DESTINATIONS.clear()
+        _DESTINATIONS[key] = found
+    return found
 
 
 class StepCounts:
