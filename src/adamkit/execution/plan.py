@@ -37,6 +37,7 @@ from adamkit.execution.kernels import (
     dummy_inputs,
     get_kernel,
     is_compiled,
+    needs_random,
     signal_rows,
 )
 from adamkit.execution.multi_tensor import moment_keys
@@ -111,15 +112,6 @@ def _as_signal_rows(
             grads.append(dummy["grad"])
             states.append(dummy["state"])
     return {**inputs, "params": params, "grads": grads, "states": states}, SIGNAL_ROW
-
-
-def needs_random(spec: KernelSpec) -> bool:
-    """Whether ``spec``'s kernel draws random numbers (stochastic rounding somewhere)."""
-    codec = spec.codec
-    if isinstance(codec, BlockwiseCodec):
-        return True
-    narrow_state = codec.stochastic and spec.stored_dtype != torch.float32
-    return narrow_state or (spec.stochastic_param and spec.param_dtype != torch.float32)
 
 
 @dataclass
