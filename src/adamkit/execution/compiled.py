@@ -109,9 +109,9 @@ class CompiledExecutor:
         """Step one group. ``prepare(params)`` returns their (initialised) states and codecs.
 
         ``device_scalars`` (capturable groups) maps step tensors to StepScalars on the device;
-        then no value is read back to the host. ``signals``: a dict to fill with the fused
-        signal sums (:func:`adamkit.diagnostics.signals.fused_sums`) of every param the
-        compiled kernels step, by param (the Monitor's sampled steps).
+        then no value is read back to the host. ``signals``: a dict to fill with the squared
+        norms (:func:`adamkit.diagnostics.signals.fused_norms`) of every param the compiled
+        kernels step, by param (the Monitor's sampled steps), when :meth:`_signals_pay`.
         """
         params_all = group["params"]
         mask = tuple(g is not None for g in grads_all)
@@ -186,10 +186,8 @@ class CompiledExecutor:
             _dense_grads_(plan, grads)  # the kernels need contiguous grads
         if device_scalars is not None:
             plan.device_scalars = device_scalars  # the group's current hyperparameters
-        betas = None
-        if signals is not None and device_scalars is None and self._signals_pay(plan):
-            betas = tuple(float(b) for b in group["betas"])
-        sums = self._run(plan, grads, scalars_for_step, betas)
+        fused = signals is not None and device_scalars is None and self._signals_pay(plan)
+        sums = self._run(plan, grads, scalars_for_step, fused)
         if signals is not None:
             signals.update({plan.params[i]: row for i, row in sums.items()})
 
@@ -206,10 +204,10 @@ class CompiledExecutor:
         return plan.signal_policy.observe(plan)
 
     def _run(
-        self, plan: GroupPlan, grads: list[Tensor], scalars_for_step, betas=None
+        self, plan: GroupPlan, grads: list[Tensor], scalars_for_step, fused: bool = False
     ) -> dict[int, Tensor]:
-        """Step the plan; with ``betas`` through the signals kernels, returning each param's
-        fused signal sums by plan index (empty otherwise)."""
+        """Step the plan; with ``fused`` through the signals kernels, returning each param's
+        squared norms by plan index (empty otherwise)."""
         steps, common = plan.advance_steps()
         cache = plan.fill_tables(steps, common, scalars_for_step)
         if steps is not None:
@@ -217,11 +215,11 @@ class CompiledExecutor:
         rest = plan.eager + plan.failed
         calls = plan.calls
         outputs: list = []
-        if betas is not None and calls:
+        if fused and calls:
             try:
                 calls = plan.signal_calls()
             except CompileUnavailable:
-                calls, betas = plan.calls, None  # no sums: the Monitor measures itself
+                calls, fused = plan.calls, False  # no sums: the Monitor measures itself
         plan.stage_in(grads)
         for k, call in enumerate(calls):
             args = call.args
@@ -234,7 +232,7 @@ class CompiledExecutor:
                 args[pos] = g.view(-1, row) if row else g  # block-wise: rows of whole blocks
             try:
                 out = call.kernel.fn(*args)
-                if betas is not None:
+                if fused:
                     outputs.append((call, out[0]))
             except Exception as err:  # noqa: BLE001 - never end a training run here
                 # Params whose slots did not all run are stepped uncompiled. (A param whose
@@ -270,7 +268,7 @@ class CompiledExecutor:
                     rng_key=keys(i, step),
                     stochastic_param=plan.stochastic_param,
                 )
-        if betas is None:
+        if not fused:
             return {}
         uncompiled = set(rest)
         return {i: row for i, row in plan.collect_sums(outputs).items() if i not in uncompiled}

@@ -146,8 +146,7 @@ def _chunk_function(spec: KernelSpec) -> Callable:
     :func:`adamkit.diagnostics.signals.fused_norms` (a ``[width, 3]`` float32 tensor: g and
     the new m and v), computed from the values the step has at hand. Float slots of such a
     kernel outside small chunks arrive as ``[rows, SIGNAL_ROW]`` (:func:`signal_rows`), so
-    that each row's sums share a loop with the row's writes. ``corrections`` is unused (kept
-    in the signature of every kernel).
+    that each row's sums share a loop with the row's writes.
     """
     codec, flags, width, sr = spec.codec, spec.flags, spec.width, spec.stochastic_param
     f32 = torch.float32
@@ -195,7 +194,7 @@ def _chunk_function(spec: KernelSpec) -> Callable:
             codec.encode_(state, name, moments[name], key)
         return norms
 
-    def adamkit_chunk(params, grads, states, scalars, ints, corrections):
+    def adamkit_chunk(params, grads, states, scalars, ints):
         sums = []
         for i in range(width):
             param, grad, state = params[i], grads[i], states[i]
@@ -331,14 +330,12 @@ def _example_inputs(spec: KernelSpec, device: torch.device) -> dict[str, Any]:
     )
     scalars = torch.tensor([list(row)] * spec.width, dtype=torch.float32, device=device)
     ints = torch.tensor([[12345 + i, 0, sizes[i]] for i in range(spec.width)], device=device)
-    corrections = torch.tensor([[0.271, 0.003]] * spec.width, device=device)
     return {
         "params": params,
         "grads": grads,
         "states": states,
         "scalars": scalars,
         "ints": ints,
-        "corrections": corrections,
     }
 
 
@@ -366,7 +363,6 @@ def _clone_inputs(inputs: dict[str, Any]) -> dict[str, Any]:
         "states": [{k: v.clone() for k, v in s.items()} for s in inputs["states"]],
         "scalars": inputs["scalars"],
         "ints": inputs["ints"],
-        "corrections": inputs["corrections"],
     }
 
 
@@ -431,7 +427,6 @@ def _compile(spec: KernelSpec, device: torch.device) -> Kernel:
     # coincidence, not a rule.
     torch._dynamo.mark_static(inputs["scalars"])
     torch._dynamo.mark_static(inputs["ints"])
-    torch._dynamo.mark_static(inputs["corrections"])
     compiled_fn = torch.compile(traced, backend=backend, dynamic=True, fullgraph=True)
     first = _clone_inputs(inputs)  # (traced with these: marks do not carry over to clones)
     for t in [

@@ -163,7 +163,6 @@ class _Bucket:
     rows: list[int]  # the table row of each member
     table: Tensor  # [len(members) (+ padding), NUM_SCALARS] float32 on device
     calls: list[_Call]
-    corrections: Tensor  # [rows, 2] float32: bias corrections (signals kernels only)
     ints: Tensor  # [rows, 3] int64 on device: (key, start, valid) of each row (kernel slot)
     random: bool  # whether the kernels read ``rng`` (stochastic rounding)
     members_t: Tensor | None = None  # capturable: the same indices as device tensors
@@ -341,7 +340,6 @@ class GroupPlan:
         rows = sum(widths[layout] for _, layout in chunks)
         table = torch.zeros(rows, _NUM_SCALARS, dtype=torch.float32, device=device)
         ints = torch.zeros(rows, 3, dtype=torch.int64, device=device)
-        corrections = torch.ones(rows, 2, dtype=torch.float32, device=device)
         random = False
         calls: list[_Call] = []
         slot_rows: list[int] = []
@@ -374,13 +372,12 @@ class GroupPlan:
                 "states": states,
                 "scalars": table[row : row + width],
                 "ints": ints[row : row + width],
-                "corrections": corrections[row : row + width],
             }
             calls.append(_Call.build(kernel, inputs, chunk))
             slot_rows += range(row, row + len(chunk))
             slot_members += [slot.index for slot in chunk]
             row += width
-        return _Bucket(device, slot_members, slot_rows, table, calls, corrections, ints, random)
+        return _Bucket(device, slot_members, slot_rows, table, calls, ints, random)
 
     def _stage(self, slot: _Slot, grad_stage: Tensor) -> None:
         """Register the copies of a tail slot: param tail in and out, grad tail in."""
