@@ -207,9 +207,10 @@ class Monitor:
 
     Records are dicts: ``step`` (calls of ``step()`` so far), ``time``, ``loss``,
     ``loss_mean``, ``loss_std``, ``skipped`` (no tensor advanced), ``skipped_steps`` (the
-    optimizer's counter, when it has one), ``overall``, ``groups`` and ``tensors`` (name ->
-    signals), ``alerts`` (those raised at this record). The signals are documented in
-    :mod:`adamkit.diagnostics.signals`.
+    optimizer's counter, when it has one), ``exact`` (the mode above), ``overall``,
+    ``groups`` and ``tensors`` (name -> signals, with the tensor's ``group``, ``shape``,
+    ``numel``, ``sample`` (entries in its sample) and ``updated``), ``alerts`` (those raised at
+    this record). The signals are documented in :mod:`adamkit.diagnostics.signals`.
     """
 
     def __init__(
