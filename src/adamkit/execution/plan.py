@@ -261,11 +261,11 @@ class GroupPlan:
 
         Float codecs get 1-d views (the kernels read sizes that are no graph input as
         ``size(0)``); a param of at least ``SMALL_NUMEL`` elements is cut into whole rows of
-        ``SIGNAL_ROW`` and a tail of 2 to ``SIGNAL_ROW + 1`` elements (two slots, both in place), so that
-        signal kernels can take its rows as ``[rows, SIGNAL_ROW]``. Block-wise codecs get
-        ``[blocks, block]`` rows of the param and ``[blocks, bytes per block]`` rows of the
-        codes (scales stay 1-d): a block's scale and its codes are then computed in one outer
-        loop over rows.
+        ``SIGNAL_ROW`` and a tail of 2 to ``SIGNAL_ROW + 1`` elements (two slots, both in
+        place), so that signal kernels can take its rows as ``[rows, SIGNAL_ROW]``. Block-wise
+        codecs get ``[blocks, block]`` rows of the param and ``[blocks, bytes per block]`` rows
+        of the codes (scales stay 1-d): a block's scale and its codes are then computed in one
+        outer loop over rows.
         """
         param = local(self.params[i]).view(-1)
         base = shard_start(self.params[i]) if is_dtensor(self.params[i]) else 0
