@@ -68,6 +68,7 @@ from adamkit.diagnostics.readout import (
 )
 from adamkit.diagnostics.sharded import Sampler, all_reduce_counts_, gather_samples_
 from adamkit.diagnostics.sharded import _real as _local_real
+from adamkit.diagnostics.steady import SteadyReads
 from adamkit.execution.eager import compute_dtype
 from adamkit.storage.select import MOMENT_KEYS
 
@@ -251,10 +252,16 @@ class Monitor:
         self._snapshot: _Snapshot | None = None
         self._layout: Layout | None = None
         self._warned_unfused = False
+        self._steady: SteadyReads | None = None
+        self._replay = True  # replay steady reads (False: the general read every time)
+        self._replays = 0  # sampled steps read by the replay
         self._handles = [
             optimizer.register_step_pre_hook(self._pre_hook),
             optimizer.register_step_post_hook(self._post_hook),
         ]
+        on_load = getattr(optimizer, "register_load_state_dict_post_hook", None)
+        if on_load is not None:  # new moment tensors: no replay may keep the old ones alive
+            self._handles.append(on_load(self._drop_replay))
 
     # -- public ------------------------------------------------------------------------------
 
@@ -283,6 +290,7 @@ class Monitor:
         for h in self._handles:
             h.remove()
         self._handles = []
+        self._steady = None
         for sink in self.sinks:
             sink.close()
 
@@ -293,6 +301,9 @@ class Monitor:
         self.close()
 
     # -- hooks -------------------------------------------------------------------------------
+
+    def _drop_replay(self, *args: Any) -> None:
+        self._steady = None
 
     def _pre_hook(self, opt: Optimizer, args: tuple, kwargs: dict) -> None:
         if (self._calls + 1) % self.every:
@@ -374,7 +385,36 @@ class Monitor:
         return out
 
     def _measure(self, snap: _Snapshot, fused: dict[Tensor, Tensor] | None) -> dict[str, Any]:
-        """Queue every tensor's reads, move the numbers to the host at once, assemble.
+        """Read the step's numbers (replaying the previous read when it is a steady one:
+        :mod:`adamkit.diagnostics.steady`), count non-finite entries, assemble the record."""
+        hyper = [_Hyper.of(group) for group in self.optimizer.param_groups]
+        steady = self._steady
+        got = None
+        if steady is not None:
+            got = steady.read(self.optimizer.state, snap, hyper, fused)
+        if got is not None:
+            self._replays += 1
+            rows = steady.rows
+            sampled, norms, steps_before, steps_after = got
+            exact = np.full((len(rows), S.N_SUMS), np.nan)
+            no_p0 = np.zeros(len(rows), dtype=bool)
+            snap.layout.fused_last = False
+        else:
+            rows, sampled, norms, exact, steps_before, steps_after, no_p0 = self._read(
+                snap, fused, hyper
+            )
+            self._steady = None
+            if self._replay:
+                self._steady = SteadyReads.of(snap.layout, rows, hyper, fused, self.exact)
+        nonfinite = self._nonfinite(rows, norms, sampled, exact)
+        return self._assemble(
+            rows, sampled, norms, exact, nonfinite, steps_before, steps_after, hyper, no_p0
+        )
+
+    def _read(
+        self, snap: _Snapshot, fused: dict[Tensor, Tensor] | None, hyper: list[_Hyper]
+    ) -> tuple[list[_Row], np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, Any]:
+        """The general read: queue every tensor's reads, move the numbers to the host at once.
 
         ``fused``: exact sums the optimizer computed inside its step, by param; such a row
         needs only the sample of v (for the effective-lr percentiles). The others need their
@@ -385,7 +425,6 @@ class Monitor:
         """
         opt = self.optimizer
         layout = snap.layout
-        hyper = [_Hyper.of(group) for group in opt.param_groups]
         rows: list[_Row] = []
         row_of = np.full(len(layout.entries), -1, dtype=np.int64)
         states = opt.state
@@ -453,10 +492,7 @@ class Monitor:
             no_p0 = unfused & has_state & (steps_after != steps_before)
             if no_p0.any():
                 self._warn_unfused([rows[i].entry.name for i in np.flatnonzero(no_p0)])
-        nonfinite = self._nonfinite(rows, norms, sampled, exact)
-        return self._assemble(
-            rows, sampled, norms, exact, nonfinite, steps_before, steps_after, hyper, no_p0
-        )
+        return rows, sampled, norms, exact, steps_before, steps_after, no_p0
 
     @staticmethod
     def _queue_samples(snap: _Snapshot, rows: list[_Row], row_of: np.ndarray) -> Samples:
@@ -584,31 +620,39 @@ class Monitor:
             rec.update(zip(keys, values))
             tensors[row.entry.name] = rec
 
-        additive = np.stack([sums[key] for key in S.ADDITIVE])
-
-        def scope(members: np.ndarray) -> dict[str, Any]:
-            one = dict(zip(S.ADDITIVE, additive[:, members].sum(axis=1).tolist()))
+        # scopes: each group, then the model when there are several groups; their sums are
+        # the members' sums (one product), their signals one call for all of them
+        members = np.stack([group == g for g in range(n_groups)], axis=1)
+        if n_groups > 1:
+            members = np.concatenate([members, np.ones((T, 1), dtype=bool)], axis=1)
+        weights = members.astype(np.float64)
+        additive = np.stack([sums[key] for key in S.ADDITIVE]) @ weights
+        totals = dict(zip(S.ADDITIVE, additive.tolist()))
+        scope_signals = S.rows_to_signals(dict(zip(S.ADDITIVE, additive)))
+        scope_nonfinite = (weights.T @ nonfinite).astype(np.int64).tolist()
+        scopes = []
+        for j in range(members.shape[1]):
+            inside = members[:, j]
+            one = {key: values[j] for key, values in totals.items()}
+            stateful = bool(has_state[inside].any())
             out: dict[str, Any] = {
                 "numel": int(one["numel"]),
-                "tensors": int(members.sum()),
+                "tensors": int(inside.sum()),
                 "updated": int(one["updated"]),
             }
-            if has_state[members].any():
-                out["opt_step"] = int(steps_after[members & has_state].max())
-            out.update(_norms(one, has_state[members].any(), members.sum()))
-            out.update(S.sums_to_signals(one))
-            qs = S.weighted_percentiles(eff, weight, members, presorted=True)
+            if stateful:
+                out["opt_step"] = int(steps_after[inside & has_state].max())
+            out.update(_norms(one, stateful, out["tensors"]))
+            out.update((key, values[j]) for key, values in scope_signals.items())
+            qs = S.weighted_percentiles(eff, weight, inside, presorted=True)
             out.update({f"eff_lr_p{q}": x for q, x in zip(S.PERCENTILES, qs)})
-            out.update(zip(_NONFINITE_KEYS, (int(x) for x in nonfinite[members].sum(axis=0))))
-            return out
-
-        groups = []
-        for g in range(n_groups):
-            groups.append({"group": g, "lr": hyper[g].lr, "eps": hyper[g].eps, **scope(group == g)})
-        if n_groups == 1:
-            overall = {k: v for k, v in groups[0].items() if k not in ("group", "lr", "eps")}
-        else:
-            overall = scope(np.ones(T, dtype=bool))
+            out.update(zip(_NONFINITE_KEYS, scope_nonfinite[j]))
+            scopes.append(out)
+        groups = [
+            {"group": g, "lr": hyper[g].lr, "eps": hyper[g].eps, **scopes[g]}
+            for g in range(n_groups)
+        ]
+        overall = dict(scopes[0]) if n_groups == 1 else scopes[-1]
         record: dict[str, Any] = {
             "step": self._calls,
             "time": time.time(),
@@ -637,8 +681,13 @@ class Monitor:
         columns = [getattr(S.COLUMNS, key) for key in S.FINITE_SUMS]
         finite[fused] &= np.isfinite(exact[fused][:, columns]).all(axis=1)
         measured = np.flatnonzero(~fused)
-        finite[measured] &= np.isfinite(samples[measured]).all(axis=(1, 2))
-        local = [i for i in measured.tolist() if rows[i].sampler.shards is None and rows[i].shards]
+        # a sum is finite exactly when its terms are (or when finite terms overflow: then the
+        # count below finds nothing)
+        with np.errstate(over="ignore", invalid="ignore"):
+            finite[measured] &= np.isfinite(samples[measured].sum(axis=(1, 2)))
+        local = [
+            i for i in measured.tolist() if rows[i].entry.shards and rows[i].sampler.shards is None
+        ]
         finite[local] = False
         out = np.zeros((len(rows), len(_NONFINITE_KEYS)), dtype=np.int64)
         counts: dict[int, Tensor] = {}

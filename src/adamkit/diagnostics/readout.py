@@ -237,14 +237,20 @@ class StepCounts:
     def __init__(self, values: list[Any]) -> None:
         host = [0.0] * len(values)
         by_device: dict[torch.device, tuple[list[int], list[Tensor]]] = {}
+        on_cpu: tuple[list[int], list[Tensor]] = ([], [])  # read with one stack
         for i, x in enumerate(values):
             if x is None:
                 continue
-            if isinstance(x, Tensor) and x.device.type != "cpu":
-                idx, ts = by_device.setdefault(x.device, ([], []))
+            if isinstance(x, Tensor):
+                idx, ts = (
+                    on_cpu if x.device.type == "cpu" else by_device.setdefault(x.device, ([], []))
+                )
                 idx.append(i)
                 ts.append(x.reshape(()))
             else:
+                host[i] = float(x)
+        if on_cpu[0]:
+            for i, x in zip(on_cpu[0], torch.stack(on_cpu[1]).tolist()):
                 host[i] = float(x)
         self.host = np.array(host, dtype=np.float64)
         self._stacked = [(np.asarray(idx), torch.stack(ts)) for idx, ts in by_device.values()]

@@ -371,8 +371,11 @@ def batch_sums(b: SampleBatch, rows: np.ndarray | None = None) -> dict[str, np.n
     elif not len(rows):
         return sums
     K = b.samples.shape[2]
-    k, upd = b.k[rows], b.updated[rows]
-    upd = (np.arange(K)[None, :] < k[:, None]) & upd[:, None]
+    k, updated = b.k[rows], b.updated[rows]
+    # entries that count: the first k of each row of an updated tensor (None: all of them)
+    upd = None
+    if not (updated.all() and (k == K).all()):
+        upd = (np.arange(K)[None, :] < k[:, None]) & updated[:, None]
     w = b.numel[rows] / np.maximum(k, 1)
     p0, p1, m, v = (b.samples[rows, i, :] for i in range(len(SAMPLE_ROWS)))
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
@@ -383,15 +386,20 @@ def batch_sums(b: SampleBatch, rows: np.ndarray | None = None) -> dict[str, np.n
         root = rule.corrected_root(v, bc2)
         u = rule.normalized_update(m, v, bc1, bc2, eps, root)
         delta = p1 - p0
-        active = upd & (root > 0)
+        active = root > 0 if upd is None else upd & (root > 0)
 
         def total(x: np.ndarray) -> np.ndarray:
-            return w * np.where(upd, x, 0.0).sum(axis=1)
+            return w * (x if upd is None else np.where(upd, x, 0.0)).sum(axis=1)
+
+        def squares(x: np.ndarray) -> np.ndarray:
+            if upd is None:
+                return w * np.einsum("ij,ij->i", x, x)
+            return total(x * x)
 
         for key, value in (
-            ("param_sq", total(p0 * p0)),
-            ("delta_sq", total(delta * delta)),
-            ("update_sq", total(u * u)),
+            ("param_sq", squares(p0)),
+            ("delta_sq", squares(delta)),
+            ("update_sq", squares(u)),
             ("v_hat_sum", total(v / bc2)),
             ("active", w * active.sum(axis=1)),
             ("eps_count", w * (active & (root < eps)).sum(axis=1)),
@@ -406,12 +414,14 @@ def effective_lrs(b: SampleBatch) -> tuple[np.ndarray, np.ndarray]:
     entry is not an active entry of an updated tensor) and the weight n / k of each tensor's
     entries."""
     K = b.samples.shape[2]
-    upd = (np.arange(K)[None, :] < b.k[:, None]) & b.updated[:, None]
     v = b.samples[:, SAMPLE_ROWS.index("v"), :]
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         bc2 = (1 - b.beta2**b.step)[:, None]
         root = rule.corrected_root(v, bc2)
-        eff = np.where(upd & (root > 0), b.lr[:, None] / (root + b.eps[:, None]), np.nan)
+        keep = root > 0
+        if not (b.updated.all() and (b.k == K).all()):
+            keep &= (np.arange(K)[None, :] < b.k[:, None]) & b.updated[:, None]
+        eff = np.where(keep, b.lr[:, None] / (root + b.eps[:, None]), np.nan)
     return eff, b.numel / np.maximum(b.k, 1)
 
 
