@@ -160,9 +160,7 @@ class SteadyReads:
             row.step_after = st.get("step")
             steps.append(row.step_after)
         transfer = Transfer()
-        handles = [
-            (transfer.add(cat), dest) for (_, cat), dest in zip(snap.p0, self.p0_dest)
-        ]
+        handles = [(transfer.add(cat), dest) for (_, cat), dest in zip(snap.p0, self.p0_dest)]
         handles += [(transfer.add(views), dest) for views, dest in self.groups]
         if self.given:
             norm = torch.stack(norms).to(self.dtype)
