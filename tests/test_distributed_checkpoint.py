@@ -206,7 +206,7 @@ def disk_bytes(path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
-BITS = {"int8": (8, 256), "int4": (4, 128)}  # bits, block
+BITS = {"int8": (8, 256), "int4": (4, 256)}  # bits, block
 
 
 @pytest.mark.parametrize("state_dtype", W.COMPACT_DTYPES)

@@ -12,16 +12,18 @@ from torch import Tensor
 
 import adamkit
 from adamkit.storage import blockwise
+from adamkit.storage import select
 from adamkit.storage.rounding import round_stochastic, uniform
 
 CODECS = [(8, 256), (4, 128)]
 
-# (bits, block, map): the codecs' power-companded maps (``power`` per sign) and the 8-bit
-# minifloat map (``mantissa`` bits; ``BlockwiseCodec(8, 256, mantissa=3)``, not a default yet)
+# (bits, block, map): the power-companded maps (``power`` per sign; int4 of earlier versions)
+# and the minifloat maps (``mantissa`` bits) of state_dtype "int8" and "int4"
 MAPS = [
     pytest.param(8, 256, {"power": None}, id="int8-power"),
     pytest.param(4, 128, {"power": None}, id="int4-power"),
     pytest.param(8, 256, {"mantissa": 3}, id="int8-minifloat"),
+    pytest.param(4, 256, {"mantissa": 1}, id="int4-minifloat"),
 ]
 
 
@@ -127,6 +129,23 @@ def test_stochastic_rounding_is_unbiased_and_picks_neighbours(bits, block, map_k
     inside = torch.isfinite(gap) & (x >= levels.min())
     err = (draws.mean(0) - x).abs()[inside]
     assert (err <= 4 * gap[inside] / 2 / 20 + 1e-5 * scale).all()
+
+
+@pytest.mark.parametrize(("bits", "block", "map_kw"), MAPS)
+@pytest.mark.parametrize("signed", [True, False], ids=["signed", "unsigned"])
+def test_decoded_codes_re_encode_to_themselves(bits, block, map_kw, signed) -> None:
+    """Round to nearest gives decoded values their own codes back (what resuming from a
+    decoded checkpoint relies on), including values that rounded to zero from below."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(block * 12, generator=gen) * torch.rand(block * 12, generator=gen) ** 4
+    x = x if signed else x.square()
+    kw = {"bits": bits, "block": block, "signed": signed, **_kw(map_kw, signed)}
+    codes, absmax = blockwise.quantize(x, noise=torch.rand(x.shape, generator=gen), **kw)
+    decoded = blockwise.dequantize(codes, absmax, x.numel(), **kw)
+    again, scales = blockwise.quantize(decoded, noise=None, **kw)
+    assert torch.equal(again, codes) and torch.equal(scales, absmax)
+    if signed:
+        assert (decoded == 0).any() and (x[decoded == 0] < 0).any()  # the case that matters
 
 
 def test_minifloat_levels_are_within_one_eighth_of_their_neighbours() -> None:
@@ -277,6 +296,33 @@ def test_torch_state_dict_loads_quantised_and_exports_back(state_dtype) -> None:
         assert back.state[p]["exp_avg"].dtype == torch.float32
         torch.testing.assert_close(back.state[p]["exp_avg"], ours.decoded_state(p)["exp_avg"])
         assert back.state[p]["step"].item() == 4
+
+
+def test_checkpoints_of_the_earlier_int4_format_load_re_encoded() -> None:
+    """int4 state written with the earlier format (power maps, block 128) is recognised by its
+    block and re-encoded into today's int4; a block size of no format is refused by name."""
+    params = _model_params()
+    old = adamkit.AdamW(params, lr=1e-2, state_dtype="int4", min_quantized_size=0)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(select._FIXED, "int4", select.LEGACY_INT4)
+        _train(old, params, 4)
+        saved = old.state_dict()
+        want = {p: old.decoded_state(p) for p in params}
+    assert saved["state"][0]["exp_avg_codes"].numel() == 64 * saved["state"][0][
+        "exp_avg_absmax"
+    ].numel()
+    new = adamkit.AdamW(params, lr=1e-2, state_dtype="int4", min_quantized_size=0)
+    new.load_state_dict(saved)
+    for i, p in enumerate(params):
+        st = new.state[p]
+        assert st["exp_avg_codes"].numel() == 128 * st["exp_avg_absmax"].numel()
+        for key in ("exp_avg", "exp_avg_sq"):
+            got = new.decoded_state(p)[key]
+            assert relative_error(got, want[p][key]) <= 0.3, (i, key)
+            assert not torch.equal(got, want[p][key])  # decoded with the old map, re-encoded
+    bad = {"exp_avg_codes": torch.zeros(96, dtype=torch.uint8), "exp_avg_absmax": torch.ones(3)}
+    with pytest.raises(ValueError, match="exp_avg_codes: 32 bytes of codes per block scale"):
+        select.infer_codec(bad, "exp_avg")
 
 
 def test_bad_state_arguments() -> None:

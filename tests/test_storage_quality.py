@@ -95,17 +95,12 @@ def _mean_loss(state_dtype: str | None, params: str = "float32") -> float:
     return sum(_train_digits(s, state_dtype, params) for s in SEEDS) / len(SEEDS)
 
 
-@pytest.mark.parametrize(("state_dtype", "tolerance"), [("bfloat16", 0.01), ("int8", 0.01)])
+@pytest.mark.parametrize(
+    ("state_dtype", "tolerance"), [("bfloat16", 0.01), ("int8", 0.01), ("int4", 0.03)]
+)
 def test_digits_mlp_final_loss_close_to_fp32_state(state_dtype, tolerance) -> None:
     fp32, lean = _mean_loss("float32"), _mean_loss(state_dtype)
     assert abs(lean - fp32) <= tolerance * fp32, (state_dtype, lean, fp32)
-
-
-def test_digits_mlp_int4_state_trains_no_worse() -> None:
-    """int4 state lands within 3% of fp32 or below it (measured: about 5% LOWER loss)."""
-    fp32, lean = _mean_loss("float32"), _mean_loss("int4")
-    assert lean <= 1.03 * fp32, (lean, fp32)
-    assert lean >= 0.85 * fp32, (lean, fp32)  # still the same optimiser, not a different one
 
 
 @cache

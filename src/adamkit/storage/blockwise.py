@@ -235,7 +235,9 @@ def _float_codes(
         round_bits = (u * float(1 << shift)).to(torch.int32)
     k = (((mag.view(torch.int32) + round_bits) >> shift) - base).clamp(0, top)
     if signed:
-        k = k | ((rows < 0).to(torch.int32) << (bits - 1))
+        # the sign bit only on a non-zero magnitude: no "-0" code, so that decoded values
+        # re-encode to their own codes (a decoded -0.0 is not < 0)
+        k = k | (((rows < 0) & (k > 0)).to(torch.int32) << (bits - 1))
     return k.to(torch.uint8), absmax
 
 

@@ -7,7 +7,10 @@
 - ``"float32"``: fp32 moments whatever the param dtype (the AMP master-state layout);
 - ``"bfloat16"``: bf16 moments written with stochastic rounding (4 B/param for m and v);
 - ``"int8"``: block-wise 8-bit codes, block 256 (about 2.03 B/param);
-- ``"int4"``: block-wise 4-bit codes, block 128 (about 1.06 B/param).
+- ``"int4"``: block-wise 4-bit codes, block 256 (about 1.03 B/param), minifloat maps with one
+  mantissa bit (m: sign and 7 magnitudes; v: 15 levels over 7 octaves, no zero level).
+  Earlier versions wrote int4 with power maps (m sqrt, v fourth root) in blocks of 128; such
+  checkpoints are recognised by their block and re-encoded when loaded (``infer_codec``).
 
 Quantised formats keep params with fewer than ``min_quantized_size`` elements in fp32: biases
 and norm weights are a negligible share of memory and the most sensitive to noise. The reason
@@ -34,8 +37,11 @@ _FIXED = {
     "float32": FloatCodec(torch.float32),
     "bfloat16": FloatCodec(torch.bfloat16, stochastic=True),
     "int8": BlockwiseCodec(bits=8, block=256, mantissa=3),
-    "int4": BlockwiseCodec(bits=4, block=128),
+    "int4": BlockwiseCodec(bits=4, block=256, mantissa=1),
 }
+
+LEGACY_INT4 = BlockwiseCodec(bits=4, block=128)
+"""The int4 format of earlier versions (power maps, block 128): read from checkpoints only."""
 
 Codec = FloatCodec | BlockwiseCodec
 
@@ -70,8 +76,19 @@ def select_codec(
 def infer_codec(state: dict, key: str) -> Codec | None:
     """The codec a saved state was written with (None if ``key`` is absent)."""
     if f"{key}_codes" in state:
-        ratio = state[f"{key}_codes"].numel() // max(1, state[f"{key}_absmax"].numel())
-        return _FIXED["int8"] if ratio == 256 else _FIXED["int4"]
+        # bytes of codes per block scale: int8 256 (block 256), int4 128 (block 256, two codes
+        # a byte), the earlier int4 64 (block 128)
+        scales = state[f"{key}_absmax"].numel()
+        if scales == 0:  # an empty tensor: no block, nothing to decode either way
+            return _FIXED["int4"]
+        ratio = state[f"{key}_codes"].numel() // scales
+        by_ratio = {256: _FIXED["int8"], 128: _FIXED["int4"], 64: LEGACY_INT4}
+        if ratio not in by_ratio:
+            raise ValueError(
+                f"{key}_codes: {ratio} bytes of codes per block scale match no adamkit format "
+                "(256: int8, 128: int4, 64: the earlier int4)"
+            )
+        return by_ratio[ratio]
     if key in state:
         return FloatCodec(state[key].dtype)
     return None
