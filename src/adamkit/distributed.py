@@ -25,7 +25,7 @@ present the same keys:
   shape ``(rows, c / block)`` (float32). DCP reshards them like any row-sharded tensor, and a
   load on any world size takes the codes back unchanged: no requantisation, bitwise.
   Checkpoint bytes per element: ``bits / 8 + 4 / block`` per moment (int8 about 1.02, int4
-  about 0.53) instead of 4.
+  about 0.52) instead of 4.
 - **decoded** (every other block-wise param: rows that split blocks, 1-d params, column or
   strided shards): ``exp_avg``/``exp_avg_sq``/``max_exp_avg_sq`` decoded to float32 DTensors
   with the param's layout, torch's layout. Decoded values lie exactly on code levels and each
