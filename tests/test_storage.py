@@ -11,8 +11,7 @@ from registry import relative_error
 from torch import Tensor
 
 import adamkit
-from adamkit.storage import blockwise
-from adamkit.storage import select
+from adamkit.storage import blockwise, select
 from adamkit.storage.rounding import round_stochastic, uniform
 
 CODECS = [(8, 256), (4, 128)]
@@ -308,9 +307,10 @@ def test_checkpoints_of_the_earlier_int4_format_load_re_encoded() -> None:
         _train(old, params, 4)
         saved = old.state_dict()
         want = {p: old.decoded_state(p) for p in params}
-    assert saved["state"][0]["exp_avg_codes"].numel() == 64 * saved["state"][0][
-        "exp_avg_absmax"
-    ].numel()
+    assert (
+        saved["state"][0]["exp_avg_codes"].numel()
+        == 64 * saved["state"][0]["exp_avg_absmax"].numel()
+    )
     new = adamkit.AdamW(params, lr=1e-2, state_dtype="int4", min_quantized_size=0)
     new.load_state_dict(saved)
     for i, p in enumerate(params):
