@@ -27,12 +27,7 @@ TOLERANCE = 2e-6  # relative: max |compiled - eager| / max |eager|, per tensor, 
 BF16_TOLERANCE = 2.0**-7
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _forget_kernels_afterwards():
-    """backend="auto" switches at once to kernels this process already compiled; later test
-    files expect auto's uncompiled path (bitwise torch's), so forget ours when done."""
-    yield
-    kernels.reset_kernels()
+pytestmark = pytest.mark.usefixtures("forget_compiled_kernels")
 
 
 def _eager(cfg: Config):

@@ -10,6 +10,8 @@ from torch import nn
 import adamkit
 from adamkit.diagnostics import Monitor
 
+pytestmark = pytest.mark.usefixtures("forget_compiled_kernels")
+
 
 def _run(backend: str, amsgrad: bool, replay: bool, steps: int = 6, between=None):
     """A small MLP (one tensor above the sample size) trained ``steps`` steps with a Monitor
