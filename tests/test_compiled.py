@@ -445,3 +445,27 @@ def test_auto_fused_signals_never_compile_on_a_short_run() -> None:
     if missing:  # (kernels another test compiled would be used at once)
         assert compile_stats().compiles == compiles
         assert group_plan.missing_signal_kernels() == missing
+
+
+@pytest.mark.parametrize("n", [16, 37, 4099])
+def test_bit_casts_compile_to_vector_casts_with_the_same_bits(n) -> None:
+    """Under the kernels' code-generation patch a float32 <-> int32 bit cast is one vector
+    cast (not a store, 16 scalar casts and a load), and the bits are eager's, tails included."""
+    from torch._inductor import config as inductor_config
+    from torch._inductor.utils import run_and_get_code
+
+    def f(x, noise):
+        bits = x.view(torch.int32) + noise
+        return (bits & -65536).view(torch.float32) * 2.0
+
+    gen = torch.Generator().manual_seed(n)
+    x = torch.randn(n, generator=gen)
+    noise = torch.randint(0, 1 << 16, (n,), generator=gen, dtype=torch.int32)
+    torch._dynamo.reset()
+    with kernels._vector_bitcasts(), inductor_config.patch(fx_graph_cache=False):
+        got, code = run_and_get_code(torch.compile(f, dynamic=False), x, noise)
+    torch._dynamo.reset()
+    source = "\n".join(code)
+    assert "at::vec::cast<int32_t>" in source and "at::vec::cast<float>" in source
+    assert "c10::bit_cast" not in source
+    assert torch.equal(got.view(torch.int32), f(x, noise).view(torch.int32))

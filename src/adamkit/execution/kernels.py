@@ -401,6 +401,9 @@ def _compile(spec: KernelSpec, device: torch.device) -> Kernel:
             _source_name(node) for node in gm.graph.nodes if node.op == "placeholder"
         ]
         options = dict(INDUCTOR_OPTIONS)
+        marker = _codegen_marker()
+        if marker is not None:  # the cache must not hand back code generated without them
+            options["post_grad_custom_post_pass"] = marker
         if spec.layout != "small":
             # Inductor sizes its parallel loops from the trace's size hints and left some
             # mixed kernels (stochastic rounding, block codes) serial: measured 0.29x torch
@@ -417,7 +420,7 @@ def _compile(spec: KernelSpec, device: torch.device) -> Kernel:
         # (not with stochastic rounding: its bit casts are scalar loops, twice as long at 32)
         lowp = next((d for d in (spec.stored_dtype, spec.param_dtype) if d in _LOWP), None)
         lowp = None if needs_random(spec) else lowp
-        with _copies_follow_lowp_tiling(lowp):
+        with _copies_follow_lowp_tiling(lowp), _vector_bitcasts():
             compiled = inductor_compile(gm, example_inputs, options=options)
         captured["fn"] = compiled
         return compiled
@@ -499,6 +502,70 @@ def _copies_follow_lowp_tiling(lowp: torch.dtype | None):
         yield
     finally:
         inductor_cpp.get_loop_body_lowp_fp = original
+
+
+CODEGEN_PATCHES = "adamkit-codegen: lowp copies tiled, vector bitcasts (2026-12-05)"
+"""Names the changes this module makes to inductor's C++ code generation while it compiles
+(:func:`_copies_follow_lowp_tiling`, :func:`_vector_bitcasts`). Inductor's caches key compiled
+code on the graph and the config, not on such changes: a no-op post-grad pass with this uuid
+(:func:`_codegen_marker`) puts them in the key, so a cache filled before a change is not
+handed back after it. Change the string whenever the patches change."""
+
+
+def _codegen_marker():
+    """A no-op inductor post-grad pass whose uuid is :data:`CODEGEN_PATCHES` (None where
+    inductor has no custom-pass interface)."""
+    try:
+        from torch._inductor.custom_graph_pass import CustomGraphPass
+    except ImportError:
+        return None
+
+    class CodegenPatches(CustomGraphPass):
+        def __call__(self, graph) -> None:
+            return None
+
+        def uuid(self) -> str:
+            return CODEGEN_PATCHES
+
+    return CodegenPatches()
+
+
+@contextlib.contextmanager
+def _vector_bitcasts():
+    """While compiling a kernel: let inductor's C++ backend reinterpret a vector of float32 as
+    int32 (and back) as one vector, ``at::vec::cast``, instead of element by element.
+
+    Stochastic rounding and the minifloat codes work on fp32 bit patterns
+    (``x.view(torch.int32)``). Inductor 2.13 has no vector form of that bit cast: it stores
+    the vector, casts its 16 elements one by one and loads them back, and the compiler builds
+    the result with element inserts whose store is not forwarded to the load. The bits are
+    the same either way. Without inductor's class (another torch version) nothing changes.
+    """
+    try:
+        from torch._inductor.codegen import cpp as inductor_cpp
+
+        overrides = inductor_cpp.CppVecOverrides
+        original = overrides.__dict__["to_dtype_bitcast"]
+    except (ImportError, AttributeError, KeyError):
+        yield
+        return
+    same_width = {torch.float32, torch.int32}
+
+    def to_dtype_bitcast(x, dtype, src_dtype):
+        kernel = inductor_cpp.V.kernel
+        if (
+            {dtype, src_dtype} == same_width
+            and getattr(x, "dtype", None) == src_dtype
+            and kernel._get_num_vectors(src_dtype) == 1
+        ):
+            return f"at::vec::cast<{inductor_cpp.DTYPE_TO_CPP[dtype]}>({x})"
+        return original.__func__(x, dtype, src_dtype)
+
+    overrides.to_dtype_bitcast = staticmethod(to_dtype_bitcast)
+    try:
+        yield
+    finally:
+        overrides.to_dtype_bitcast = original
 
 
 def _only_copies(body) -> bool:
