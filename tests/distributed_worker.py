@@ -590,7 +590,7 @@ COMPACT_DTYPES = ("int8", "int4")
 
 
 def make_wide_model() -> nn.Module:
-    """``0.weight`` is 64 x 256: a row holds whole blocks (256 int8, 2 x 128 int4), so its
+    """``0.weight`` is 64 x 256: a row is one whole block (256, int8 and int4), so its
     block-wise moments are checkpointed compact on any number of ranks. ``2.weight`` is 70 x
     64 (4480 elements, quantised): its rows split blocks, so it is checkpointed decoded."""
     torch.manual_seed(1)

@@ -13,7 +13,6 @@ import pytest
 import torch
 from torch import nn
 
-import adamkit.diagnostics.monitor as M
 import adamkit.diagnostics.readout as R
 from adamkit.diagnostics import Monitor
 from adamkit.diagnostics import signals as S
@@ -204,7 +203,7 @@ def by_hand_record(net, opt, before, t) -> dict[str, dict[str, float]]:
 def spy(monkeypatch):
     """Counts the Monitor's norm passes, non-finite passes and sampled rows by kind."""
     seen = {"norms": 0, "nonfinite": 0, "kinds": set()}
-    norms, count = M._tensor_norms, S.nonfinite_count
+    norms, count = R.tensor_norms, S.nonfinite_count
     add, add_cat = R.Samples.add, R.Samples.add_cat
 
     def spy_norms(*a):
@@ -223,7 +222,7 @@ def spy(monkeypatch):
         seen["kinds"].add(S.SAMPLE_ROWS[kind])
         return add_cat(self, rows, kind, cat, sizes)
 
-    monkeypatch.setattr(M, "_tensor_norms", spy_norms)
+    monkeypatch.setattr(R, "tensor_norms", spy_norms)
     monkeypatch.setattr(S, "nonfinite_count", spy_count)
     monkeypatch.setattr(R.Samples, "add", spy_add)
     monkeypatch.setattr(R.Samples, "add_cat", spy_add_cat)

@@ -56,6 +56,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from adamkit.diagnostics import readout
 from adamkit.diagnostics import signals as S
 from adamkit.diagnostics.alerts import Alert, AlertConfig, AlertEngine, log_alert
 from adamkit.diagnostics.readout import (
@@ -795,7 +796,9 @@ def _squared_norms(
                     f"adamkit.diagnostics.signals.Sums), got {stacked.shape[1]}"
                 )
         else:
-            norms = [_tensor_norms([getattr(rows[i], k) for i in idx], dtype) for k in kinds[:n]]
+            norms = [
+                readout.tensor_norms([getattr(rows[i], k) for i in idx], dtype) for k in kinds[:n]
+            ]
             stacked = torch.stack(norms, dim=1).square()
         if dims:
             mesh = rows[idx[0]].shards[0]
@@ -809,23 +812,6 @@ def _sample_stands_for_moments(row: _Row) -> bool:
     """Whether the sample holds raw m and v of the whole tensor: not with AMSGrad (the sample
     holds the max), nor for a strided shard (its sample is its rank's own)."""
     return row.vmax is None and (row.sampler.shards is not None or row.shards is None)
-
-
-def _tensor_norms(tensors: list[Tensor], dtype: torch.dtype) -> Tensor:
-    """||t||_2 of each tensor, accumulated in ``dtype``: one multi-tensor kernel.
-
-    Not BLAS ``dot`` per tensor, although on an idle CPU it is faster (measured on 16.8M fp32
-    params in 35 tensors: 1.6 ms against 2.4 ms per kind): with one other busy process on the
-    project's 2-core machine its median went to 15 ms for the three kinds, with outliers at
-    0.2 s, while the multi-tensor norm stayed at 9 ms.
-    """
-    foreach_norm = getattr(torch, "_foreach_norm", None)
-    if foreach_norm is not None:
-        try:
-            return torch.stack(foreach_norm(tensors, 2, dtype=dtype))
-        except (RuntimeError, TypeError):  # an older signature or an unsupported layout
-            pass
-    return torch.stack([torch.linalg.vector_norm(t, dtype=dtype) for t in tensors])
 
 
 def _is_pair_iterator(names: Any) -> bool:

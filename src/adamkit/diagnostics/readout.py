@@ -126,6 +126,23 @@ class Layout:
         return {i: self.entries[i].view(self.entries[i].param).clone() for i in self.other}
 
 
+def tensor_norms(tensors: list[Tensor], dtype: torch.dtype) -> Tensor:
+    """||t||_2 of each tensor, accumulated in ``dtype``: one multi-tensor kernel.
+
+    Not BLAS ``dot`` per tensor, although on an idle CPU it is faster (measured on 16.8M fp32
+    params in 35 tensors: 1.6 ms against 2.4 ms per kind): with one other busy process on the
+    project's 2-core machine its median went to 15 ms for the three kinds, with outliers at
+    0.2 s, while the multi-tensor norm stayed at 9 ms.
+    """
+    foreach_norm = getattr(torch, "_foreach_norm", None)
+    if foreach_norm is not None:
+        try:
+            return torch.stack(foreach_norm(tensors, 2, dtype=dtype))
+        except (RuntimeError, TypeError):  # an older signature or an unsupported layout
+            pass
+    return torch.stack([torch.linalg.vector_norm(t, dtype=dtype) for t in tensors])
+
+
 class Transfer:
     """Tensors to move to the host together: one ``torch.cat`` and one copy per (device,
     dtype), converted to float64 on the host.

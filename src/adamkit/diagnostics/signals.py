@@ -352,6 +352,14 @@ class SampleBatch(NamedTuple):
     lr: np.ndarray
 
 
+def _counted(k: np.ndarray, updated: np.ndarray, K: int) -> np.ndarray | None:
+    """The sampled entries that count ([T, K]): the first ``k`` of each row of an updated
+    tensor; None when that is every entry (no mask to apply)."""
+    if updated.all() and (k == K).all():
+        return None
+    return (np.arange(K)[None, :] < k[:, None]) & updated[:, None]
+
+
 def batch_sums(b: SampleBatch, rows: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """Per-tensor sums (each an array of length T; sampled sums scaled by n / k).
 
@@ -371,11 +379,8 @@ def batch_sums(b: SampleBatch, rows: np.ndarray | None = None) -> dict[str, np.n
     elif not len(rows):
         return sums
     K = b.samples.shape[2]
-    k, updated = b.k[rows], b.updated[rows]
-    # entries that count: the first k of each row of an updated tensor (None: all of them)
-    upd = None
-    if not (updated.all() and (k == K).all()):
-        upd = (np.arange(K)[None, :] < k[:, None]) & updated[:, None]
+    k = b.k[rows]
+    upd = _counted(k, b.updated[rows], K)
     w = b.numel[rows] / np.maximum(k, 1)
     p0, p1, m, v = (b.samples[rows, i, :] for i in range(len(SAMPLE_ROWS)))
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
@@ -419,8 +424,9 @@ def effective_lrs(b: SampleBatch) -> tuple[np.ndarray, np.ndarray]:
         bc2 = (1 - b.beta2**b.step)[:, None]
         root = rule.corrected_root(v, bc2)
         keep = root > 0
-        if not (b.updated.all() and (b.k == K).all()):
-            keep &= (np.arange(K)[None, :] < b.k[:, None]) & b.updated[:, None]
+        counted = _counted(b.k, b.updated, K)
+        if counted is not None:
+            keep &= counted
         eff = np.where(keep, b.lr[:, None] / (root + b.eps[:, None]), np.nan)
     return eff, b.numel / np.maximum(b.k, 1)
 

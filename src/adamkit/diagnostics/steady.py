@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from adamkit.diagnostics import readout
 from adamkit.diagnostics import signals as S
 from adamkit.diagnostics.readout import ROW, Layout, StepCounts, Transfer, _destinations
 from adamkit.execution.eager import compute_dtype
@@ -57,33 +58,33 @@ class SteadyReads:
         self.k = np.array([row.entry.k for row in rows], dtype=np.int64)
         self.K = max(int(self.k.max(initial=1)), 1)
         index = {row.index: i for i, row in enumerate(rows)}
-        # p0: the snapshot's cats, in the layout's order of entries
-        self.p0_dest = []
-        for idx, _ in layout.param_views:
-            r = np.array([index[i] for i in idx], dtype=np.int64)
-            self.p0_dest.append(self._dest(r, ROW["p0"]))
-        # p1, m and v: one list of views per (device, dtype), with their destinations
+        # p0 (the snapshot's cats) and p1 (the layout's views of the params, gathered now):
+        # one cat per (device, dtype), in the layout's order of entries
+        param_rows = [np.array([index[i] for i in idx]) for idx, _ in layout.param_views]
+        self.p0_dest = [self._dest(r, np.full(len(r), ROW["p0"])) for r in param_rows]
+        self.groups = [
+            (views, self._dest(r, np.full(len(r), ROW["p1"])))
+            for r, (_, views) in zip(param_rows, layout.param_views)
+        ]
+        # m and v (the v the denominator used): one list of views per (device, dtype)
         groups: dict[tuple, tuple[list[Tensor], list[int], list[int]]] = {}
         for i, row in enumerate(rows):
-            e = row.entry
-            v = row.v if row.vmax is None else row.vmax  # the v the denominator used
-            for kind, t in ((ROW["p1"], row.param), (ROW["m"], row.m), (ROW["v"], v)):
+            v = row.v if row.vmax is None else row.vmax
+            for kind, t in ((ROW["m"], row.m), (ROW["v"], v)):
                 views, rs, kinds = groups.setdefault((t.device, t.dtype), ([], [], []))
-                views.append(e.view(t))
+                views.append(row.entry.view(t))
                 rs.append(i)
                 kinds.append(kind)
-        self.groups = [
-            (views, self._dest_kinds(np.array(rs), np.array(kinds)))
+        self.groups += [
+            (views, self._dest(np.array(rs), np.array(kinds)))
             for views, rs, kinds in groups.values()
         ]
         self.shape = (T, len(S.SAMPLE_ROWS), self.K)
 
-    def _dest(self, rows: np.ndarray, kind: int) -> np.ndarray:
-        return self._dest_kinds(rows, np.full(len(rows), kind))
-
-    def _dest_kinds(self, rows: np.ndarray, kinds: np.ndarray) -> np.ndarray:
+    def _dest(self, rows: np.ndarray, kinds: np.ndarray) -> np.ndarray:
+        """Where the samples of ``rows`` (of ``kinds``), end to end, go in the flat array."""
         dest, keep = _destinations(len(S.SAMPLE_ROWS), self.K, rows, kinds, self.k[rows])
-        assert keep is None
+        assert keep is None  # every row is measured
         return dest
 
     @classmethod
@@ -165,11 +166,9 @@ class SteadyReads:
         if self.given:
             norm = torch.stack(norms).to(self.dtype)
         else:
-            from adamkit.diagnostics.monitor import _tensor_norms
-
             kinds = ([r.grad for r in self.rows], [m for m, _, _ in self.moments])
             kinds += ([v for _, v, _ in self.moments],)
-            norm = torch.stack([_tensor_norms(ts, self.dtype) for ts in kinds], dim=1).square()
+            norm = torch.stack([readout.tensor_norms(ts, self.dtype) for ts in kinds], 1).square()
         norm_handle = transfer.add(norm)
         before = snap.steps
         before.queue(transfer)

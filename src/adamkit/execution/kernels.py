@@ -417,7 +417,8 @@ def _compile(spec: KernelSpec, device: torch.device) -> Kernel:
             # is one pass for the scales and one for everything else. (Power-companded
             # codes are left alone: inlined, their int4 kernels took 195 s to compile.)
             options.update(MINIFLOAT_OPTIONS)
-        # (not with stochastic rounding: its bit casts are scalar loops, twice as long at 32)
+        # (not with stochastic rounding: its integer hash keeps inductor at 16 lanes anyway,
+        # and _vector_bitcasts makes its bit casts vector casts only at 16)
         lowp = next((d for d in (spec.stored_dtype, spec.param_dtype) if d in _LOWP), None)
         lowp = None if needs_random(spec) else lowp
         with _copies_follow_lowp_tiling(lowp), _vector_bitcasts():
