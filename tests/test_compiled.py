@@ -9,6 +9,8 @@ groups, grad None, the state layout), not speed.
 from __future__ import annotations
 
 import math
+import re
+import sys
 import warnings
 
 import pytest
@@ -469,3 +471,37 @@ def test_bit_casts_compile_to_vector_casts_with_the_same_bits(n) -> None:
     assert "at::vec::cast<int32_t>" in source and "at::vec::cast<float>" in source
     assert "c10::bit_cast" not in source
     assert torch.equal(got.view(torch.int32), f(x, noise).view(torch.int32))
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="the prefetch is GCC/Clang only")
+@pytest.mark.parametrize("n", [16, 37, 4099])
+def test_index_vectors_and_prefetched_loads_keep_eager_values(n) -> None:
+    """Under the kernels' code-generation patches a vector of element indices is a broadcast
+    plus constant lanes (not 16 runtime scalars), each contiguous vector load is preceded by a
+    prefetch further along the same tensor, and the values are eager's, tails included."""
+    from torch._inductor import config as inductor_config
+    from torch._inductor.utils import run_and_get_code
+
+    def f(x, y, key):
+        index = torch.arange(x.numel(), dtype=torch.int32) + key
+        h = (index * -1640531535) ^ ((index >> 16) & 0xFFFF)
+        return x * 2.0 + y.float() + (h & 0xFF).float()
+
+    gen = torch.Generator().manual_seed(n)
+    x = torch.randn(n, generator=gen)
+    y = torch.randn(n, generator=gen).to(torch.bfloat16)
+    key = torch.tensor(12345, dtype=torch.int32)
+    torch._dynamo.reset()
+    with (
+        kernels._vector_aranges(),
+        kernels._prefetched_loads(),
+        inductor_config.patch(fx_graph_cache=False),
+    ):
+        got, code = run_and_get_code(torch.compile(f, dynamic=False), x, y, key)
+    torch._dynamo.reset()
+    source = "\n".join(code)
+    assert "::arange(0, 1)" in source
+    assert not re.search(r"arange\(tmp", source)
+    assert source.count("__builtin_prefetch(") >= 2  # x and y
+    assert f"+ {kernels.PREFETCH_AHEAD}, 0, 3)" in source
+    assert torch.equal(got, f(x, y, key))

@@ -12,7 +12,7 @@ from torch import Tensor
 
 import adamkit
 from adamkit.storage import blockwise, select
-from adamkit.storage.rounding import round_stochastic, uniform
+from adamkit.storage.rounding import as_uniform, noise_bits, round_stochastic, uniform
 
 CODECS = [(8, 256), (4, 128)]
 
@@ -195,6 +195,27 @@ def test_round_stochastic_is_unbiased_for_bf16_and_fp16() -> None:
         bias = (draws.float().mean(0) - x).abs() / x.abs()
         nearest = (x.to(dtype).float() - x).abs() / x.abs()
         assert bias.mean() < nearest.mean() / 4
+
+
+@pytest.mark.parametrize("shift", [8, 15, 16, 17, 20, 22])
+def test_noise_bits_of_cells_equal_those_of_their_uniform_numbers(shift) -> None:
+    """The kernels add 16-bit cells to bit patterns as integers; by hand, cell k stands for
+    u = (k + 1/2) / 2^16 and the noise is floor(u * 2^shift) (exact in float64)."""
+    cells = torch.arange(1 << 16, dtype=torch.int32)
+    by_hand = torch.floor((cells.double() + 0.5) / 2**16 * 2**shift).to(torch.int32)
+    assert torch.equal(noise_bits(cells, shift), by_hand)
+    assert torch.equal(noise_bits(as_uniform(cells), shift), by_hand)  # float32 u: same ints
+    assert torch.equal(as_uniform(cells).double(), (cells.double() + 0.5) / 2**16)
+
+
+def test_round_stochastic_takes_cells_as_their_uniform_numbers() -> None:
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(5000, generator=gen) * 10
+    cells = torch.randint(0, 1 << 16, (5000,), generator=gen, dtype=torch.int32)
+    for dtype in (torch.bfloat16, torch.float16):
+        from_cells = round_stochastic(x, dtype, cells)
+        assert torch.equal(from_cells, round_stochastic(x, dtype, as_uniform(cells)))
+        assert not torch.equal(from_cells, x.to(dtype))  # (it does round stochastically)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from torch import Tensor
 
 from adamkit.rule import StepScalars, UpdateFlags, adam_update
 from adamkit.storage.float import real_view
-from adamkit.storage.rounding import round_stochastic, stream_uniform
+from adamkit.storage.rounding import round_stochastic, stream_cells
 from adamkit.storage.shards import is_dtensor, local_step_inputs
 
 
@@ -28,7 +28,7 @@ def write_param_(
 ) -> None:
     """Store the new param; narrower dtypes round stochastically when asked."""
     if stochastic and param_real.dtype != value.dtype:
-        value = round_stochastic(value, param_real.dtype, stream_uniform(value, rng_key, "param"))
+        value = round_stochastic(value, param_real.dtype, stream_cells(value, rng_key, "param"))
     param_real.copy_(value)
 
 

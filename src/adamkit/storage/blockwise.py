@@ -18,7 +18,8 @@ rounds everything under absmax / (2 Q) to zero):
   decodes to exact zeros.
 
 Rounding is to nearest, or stochastic when ``noise`` (uniform numbers in [0, 1), one per
-element) is given: the code is one of the two levels around ``x`` in value space, the upper one
+element, as floats or as the 16-bit cells of :func:`adamkit.storage.rounding.stream_cells`) is
+given: the code is one of the two levels around ``x`` in value space, the upper one
 with probability ``(x - lo) / (hi - lo)``, so that E[decode(encode(x))] = x. That keeps the
 exponential moving averages moving: with round-to-nearest an increment of ``(1 - beta2) g^2``
 smaller than half a level is lost every step and v freezes. Bytes per element:
@@ -31,6 +32,8 @@ import struct
 
 import torch
 from torch import Tensor
+
+from adamkit.storage.rounding import as_uniform, noise_bits
 
 
 def num_blocks(n: int, block: int) -> int:
@@ -94,7 +97,7 @@ def _stochastic_level(
     p_up = torch.where(gap > 0, ((magnitude - v_lo) / gap).clamp(0.0, 1.0), 0.0)
     # 1 where noise < p_up, else 0, in float arithmetic: a boolean here makes inductor store
     # a byte mask one element at a time (measured: most of the compiled kernel's time).
-    up = (p_up - noise).sign().clamp_min(0.0)
+    up = (p_up - as_uniform(noise)).sign().clamp_min(0.0)
     return lo + (hi - lo) * up
 
 
@@ -113,9 +116,9 @@ def quantize(
     ``x`` already laid out as ``[blocks, block]`` rows (then the codes come as rows too).
 
     The map is the power-companded one (``power``) or the minifloat one (``mantissa`` bits;
-    see :func:`float_levels`). With ``noise`` (uniform [0, 1), ``x``'s length) the rounding is
-    stochastic and unbiased. ``blocks`` (default: as few as hold ``x``) is the number of blocks
-    to produce.
+    see :func:`float_levels`). With ``noise`` (uniform [0, 1) or 16-bit cells, ``x``'s length)
+    the rounding is stochastic and unbiased. ``blocks`` (default: as few as hold ``x``) is the
+    number of blocks to produce.
     """
     _check_map(power, mantissa)
     if x.dim() == 2:  # rows of whole blocks (the compiled kernels' layout)
@@ -232,7 +235,7 @@ def _float_codes(
     if u is None:
         round_bits = 1 << (shift - 1)
     else:
-        round_bits = (u * float(1 << shift)).to(torch.int32)
+        round_bits = noise_bits(u, shift)
     k = (((mag.view(torch.int32) + round_bits) >> shift) - base).clamp(0, top)
     if signed:
         # the sign bit only on a non-zero magnitude: no "-0" code, so that decoded values

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from adamkit.storage.rounding import round_stochastic, stream_uniform
+from adamkit.storage.rounding import round_stochastic, stream_cells
 
 
 def real_view(t: Tensor) -> Tensor:
@@ -61,7 +61,7 @@ class FloatCodec:
         """Write ``value`` (compute dtype) into the stored moment (``rng_key``: see rounding)."""
         dst = real_view(state[key])
         if self.stochastic and dst.dtype != value.dtype:
-            value = round_stochastic(value, dst.dtype, stream_uniform(value, rng_key, key))
+            value = round_stochastic(value, dst.dtype, stream_cells(value, rng_key, key))
         dst.copy_(value)
 
     def bytes_per_element(self, param: Tensor) -> float:

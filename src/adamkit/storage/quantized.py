@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from adamkit.storage import blockwise
-from adamkit.storage.rounding import stream_uniform
+from adamkit.storage.rounding import stream_cells
 from adamkit.storage.shards import local
 
 SIGNED_KEYS = ("exp_avg",)
@@ -87,7 +87,7 @@ class BlockwiseCodec:
         codes_key, absmax_key = self.state_keys(key)
         blocks = state[absmax_key].shape[0]
         rows = value if value.shape == (blocks, self.block) else value.reshape(-1)
-        noise = stream_uniform(rows, rng_key, key)
+        noise = stream_cells(rows, rng_key, key)
         codes, absmax = blockwise.quantize(rows, noise=noise, blocks=blocks, **self._kw(key))
         state[codes_key].view(codes.shape).copy_(codes)
         state[absmax_key].copy_(absmax)

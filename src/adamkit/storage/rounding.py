@@ -134,20 +134,53 @@ class ShardKey(NamedTuple):
     start: int | Tensor
 
 
-def stream_uniform(like: Tensor, rng_key: Tensor | int | ShardKey, stream: str) -> Tensor:
-    """Uniform numbers in (0, 1), the midpoints (k + 1/2) / 2^16 of a grid of 2^16 cells, for
-    every element of ``like``, from the ``stream`` of ``rng_key`` (16 bits of a hash that one
-    other stream shares). Midpoints: P(u < p) is within 2^-17 of p, above or below."""
+def stream_cells(like: Tensor, rng_key: Tensor | int | ShardKey, stream: str) -> Tensor:
+    """The ``stream`` of ``rng_key`` for every element of ``like``: int32 cell indices ``k`` in
+    [0, 2^16), uniform (16 bits of a hash that one other stream shares). Cell ``k`` stands
+    for the uniform number ``(k + 1/2) / 2^16`` (:func:`as_uniform`); integer consumers take
+    the cells as they are (:func:`noise_bits`), which costs no float round trip in a kernel."""
     key, start = rng_key if isinstance(rng_key, ShardKey) else (rng_key, 0)
     pair, shift = STREAMS[stream]
     h = hash32(like.numel(), key ^ pair, like.device, start).view(like.shape)
-    return (((h >> shift) & 0xFFFF).to(torch.float32) + 0.5) * (1.0 / 65536.0)
+    return (h >> shift) & 0xFFFF
+
+
+def stream_uniform(like: Tensor, rng_key: Tensor | int | ShardKey, stream: str) -> Tensor:
+    """Uniform numbers in (0, 1), the midpoints (k + 1/2) / 2^16 of a grid of 2^16 cells, for
+    every element of ``like`` (the cells of :func:`stream_cells`). Midpoints: P(u < p) is
+    within 2^-17 of p, above or below."""
+    return as_uniform(stream_cells(like, rng_key, stream))
+
+
+def as_uniform(u: Tensor) -> Tensor:
+    """Float uniform numbers from ``u``: returned as they are if floating point, else 16-bit
+    cells ``k`` (:func:`stream_cells`) taken as ``(k + 1/2) / 2^16``."""
+    if u.is_floating_point():
+        return u
+    return (u.to(torch.float32) + 0.5) * (1.0 / 65536.0)
+
+
+def noise_bits(u: Tensor, shift: int) -> Tensor:
+    """``floor(u * 2^shift)`` as int32: the noise that stochastic rounding adds to an fp32 bit
+    pattern before dropping its low ``shift`` bits (round up with probability of the
+    remainder).
+
+    ``u`` is uniform floats in [0, 1) or 16-bit cells ``k`` standing for ``(k + 1/2) / 2^16``;
+    for cells the result is the same integer without float arithmetic:
+    ``k * 2^(shift - 16) + 2^(shift - 17)`` when ``shift > 16``, ``k >> (16 - shift)`` else.
+    """
+    if u.is_floating_point():
+        return (u * float(1 << shift)).to(torch.int32)
+    if shift > 16:
+        return (u << (shift - 16)) + (1 << (shift - 17))
+    return u >> (16 - shift) if shift < 16 else u
 
 
 def round_stochastic(x: Tensor, dtype: torch.dtype, u: Tensor) -> Tensor:
     """Round fp32 ``x`` to ``dtype`` up or down with probability given by the remainder.
 
-    ``u`` holds uniform numbers in [0, 1) with ``x``'s number of elements (row-major order).
+    ``u`` holds uniform numbers in [0, 1) with ``x``'s number of elements (row-major order),
+    as floats or as 16-bit cells (:func:`stream_cells`).
     Values that ``dtype`` represents exactly, infinities and NaN are returned unchanged.
 
     bfloat16 is fp32 with the low 16 bits dropped, so there it is integer arithmetic on the
@@ -157,12 +190,10 @@ def round_stochastic(x: Tensor, dtype: torch.dtype, u: Tensor) -> Tensor:
     """
     if dtype == torch.bfloat16 and x.dtype == torch.float32:
         bits = x.view(torch.int32)
-        noise = (u.view(x.shape) * 65536.0).to(torch.int32)
-        rounded = ((bits + noise) & -65536).view(torch.float32)
+        rounded = ((bits + noise_bits(u.view(x.shape), 16)) & -65536).view(torch.float32)
         # at or past the largest finite bf16 (and inf, NaN): round to nearest instead, so that
         # a finite value never rounds up to inf (a float compare: vectorises, isinf does not)
-        keep = ~(x.abs() < _BF16_MAX)
-        return torch.where(keep, x, rounded).to(dtype)
+        return torch.where(x.abs() < _BF16_MAX, rounded, x).to(dtype)
     nearest = x.to(dtype)
     near32 = nearest.to(x.dtype)
     toward = torch.where(near32 < x, torch.full_like(nearest, float("inf")), -torch.inf)
@@ -171,5 +202,5 @@ def round_stochastic(x: Tensor, dtype: torch.dtype, u: Tensor) -> Tensor:
     gap = (other32 - near32).abs()
     # probability of taking the other neighbour: the distance from nearest over the gap
     p_other = torch.where(gap > 0, (x - near32).abs() / gap, torch.zeros_like(x))
-    take_other = u.view(x.shape) < p_other
+    take_other = as_uniform(u).view(x.shape) < p_other
     return torch.where(take_other & torch.isfinite(other32), other, nearest)
