@@ -450,15 +450,18 @@ def test_auto_fused_signals_never_compile_on_a_short_run() -> None:
 
 
 @pytest.mark.parametrize("n", [16, 37, 4099])
-def test_bit_casts_compile_to_vector_casts_with_the_same_bits(n) -> None:
+@pytest.mark.parametrize("lanes", [16, 32])
+def test_bit_casts_compile_to_vector_casts_with_the_same_bits(n, lanes) -> None:
     """Under the kernels' code-generation patch a float32 <-> int32 bit cast is one vector
-    cast (not a store, 16 scalar casts and a load), and the bits are eager's, tails included."""
+    cast (not a store, 16 scalar casts and a load), or two in a loop tiled by 32 (a bf16
+    output), and the bits are eager's, tails included."""
     from torch._inductor import config as inductor_config
     from torch._inductor.utils import run_and_get_code
 
     def f(x, noise):
         bits = x.view(torch.int32) + noise
-        return (bits & -65536).view(torch.float32) * 2.0
+        out = (bits & -65536).view(torch.float32) * 2.0
+        return out.to(torch.bfloat16) if lanes == 32 else out
 
     gen = torch.Generator().manual_seed(n)
     x = torch.randn(n, generator=gen)
@@ -470,7 +473,10 @@ def test_bit_casts_compile_to_vector_casts_with_the_same_bits(n) -> None:
     source = "\n".join(code)
     assert "at::vec::cast<int32_t>" in source and "at::vec::cast<float>" in source
     assert "c10::bit_cast" not in source
-    assert torch.equal(got.view(torch.int32), f(x, noise).view(torch.int32))
+    if lanes == 32 and n >= 32:
+        assert "VectorizedN<int32_t,2>(at::vec::cast<int32_t>(" in source
+    bits = torch.int16 if lanes == 32 else torch.int32
+    assert torch.equal(got.view(bits), f(x, noise).view(bits))
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="the prefetch is GCC/Clang only")
