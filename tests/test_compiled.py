@@ -511,3 +511,27 @@ def test_index_vectors_and_prefetched_loads_keep_eager_values(n) -> None:
     assert source.count("__builtin_prefetch(") >= 2  # x and y
     assert f"+ {kernels.PREFETCH_AHEAD}, 0, 3)" in source
     assert torch.equal(got, f(x, y, key))
+
+
+@pytest.mark.parametrize("n", [16, 37, 4099])
+def test_int32_to_uint8_compiles_to_a_vector_conversion_with_the_same_bytes(n) -> None:
+    """Under the kernels' code-generation patch int32 -> uint8 (the block codes) goes through
+    ATen's vector int8 conversion, and the bytes are eager's (modulo 256, out-of-range values
+    and tails included)."""
+    from torch._inductor import config as inductor_config
+    from torch._inductor.utils import run_and_get_code
+
+    def f(x):
+        return (x * 3 - 7).to(torch.uint8)
+
+    x = torch.randint(
+        -400, 400, (n,), generator=torch.Generator().manual_seed(n), dtype=torch.int32
+    )
+    torch._dynamo.reset()
+    with kernels._vector_narrowing(), inductor_config.patch(fx_graph_cache=False):
+        got, code = run_and_get_code(torch.compile(f, dynamic=False), x)
+    torch._dynamo.reset()
+    source = "\n".join(code)
+    assert "at::vec::cast<uint8_t>(at::vec::convert<int8_t>(" in source
+    assert "at::vec::convert<uint8_t>(" not in source
+    assert torch.equal(got, f(x))

@@ -426,6 +426,7 @@ def _compile(spec: KernelSpec, device: torch.device) -> Kernel:
             _vector_bitcasts(),
             _vector_aranges(),
             _prefetched_loads(),
+            _vector_narrowing(),
         ):
             compiled = inductor_compile(gm, example_inputs, options=options)
         captured["fn"] = compiled
@@ -511,11 +512,12 @@ def _copies_follow_lowp_tiling(lowp: torch.dtype | None):
 
 
 CODEGEN_PATCHES = (
-    "adamkit-codegen: lowp copies tiled (SR too), vector bitcasts x1/x2, aranges, prefetch 1024"
+    "adamkit-codegen: lowp copies tiled (SR too), vector bitcasts x1/x2, aranges, prefetch 1024, "
+    "int32->uint8 through int8"
 )
 """Names the changes this module makes to inductor's C++ code generation while it compiles
 (:func:`_copies_follow_lowp_tiling`, :func:`_vector_bitcasts`, :func:`_vector_aranges`,
-:func:`_prefetched_loads`). Inductor's caches key compiled
+:func:`_prefetched_loads`, :func:`_vector_narrowing`). Inductor's caches key compiled
 code on the graph and the config, not on such changes: a no-op post-grad pass with this uuid
 (:func:`_codegen_marker`) puts them in the key, so a cache filled before a change is not
 handed back after it. Change the string whenever the patches change."""
@@ -613,6 +615,43 @@ def _vector_aranges():
         yield
     finally:
         vec_kernel.arange = original
+
+
+@contextlib.contextmanager
+def _vector_narrowing():
+    """While compiling a kernel: let inductor's C++ backend convert a vector of int32 to uint8
+    through int8 (``cast<uint8_t>(convert<int8_t>(x))``), which ATen's vector library has a
+    vector instruction for, instead of ``convert<uint8_t>(x)``, which it builds element by
+    element (no specialisation for that pair; the compiler assembles the bytes with inserts).
+
+    The block-wise codes (int8, int4) are computed in int32 and stored as uint8. The low eight
+    bits are the same either way (both conversions wrap modulo 256). One 4.5M-element int8
+    slot, one thread: 13.4 -> 9.5 ms. Without inductor's class nothing changes.
+    """
+    try:
+        from torch._inductor.codegen import cpp as inductor_cpp
+
+        vec_kernel = inductor_cpp.CppVecKernel
+        original = vec_kernel.__dict__["get_to_dtype_expr"]
+    except (ImportError, AttributeError, KeyError):
+        yield
+        return
+
+    def to_dtype_expr(self, src, dtype, src_dtype, rounding=False):
+        if (
+            getattr(src, "is_vec", False)
+            and (src_dtype, dtype) == (torch.int32, torch.uint8)
+            and self._get_num_vectors(torch.int32) == 1
+            and self._get_num_vectors(torch.uint8) == 1
+        ):
+            return f"at::vec::cast<uint8_t>(at::vec::convert<int8_t>({src}))"
+        return original(self, src, dtype, src_dtype, rounding)
+
+    vec_kernel.get_to_dtype_expr = to_dtype_expr
+    try:
+        yield
+    finally:
+        vec_kernel.get_to_dtype_expr = original
 
 
 PREFETCH_AHEAD = 1024
