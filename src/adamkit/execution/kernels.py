@@ -659,6 +659,9 @@ PREFETCH_AHEAD = 1024
 fp32, 1 KB of int8 codes; measured flat from 256 to 4096 elements)."""
 
 
+_KERNEL_ARGUMENT = re.compile(r"(in|out)_ptr\d+$")
+
+
 @contextlib.contextmanager
 def _prefetched_loads():
     """While compiling a kernel: precede each contiguous vector load of inductor's C++ backend
@@ -687,8 +690,8 @@ def _prefetched_loads():
 
     def load_line(self, var, index, dtype, load_mask=None):
         line = original(self, var, index, dtype, load_mask)
-        if load_mask is not None or dtype == torch.bool:
-            return line
+        if load_mask is not None or dtype == torch.bool or not _KERNEL_ARGUMENT.match(var):
+            return line  # (not a local buffer: inductor gathers strided loads into one)
         start = f"{var} + {cexpr_index(index)}" if index != 0 else var
         # (a comma expression: the line stays one expression, as inductor's CSE expects)
         return f"(__builtin_prefetch({start} + {PREFETCH_AHEAD}, 0, 3), {line})"
