@@ -20,7 +20,7 @@ import adamkit
 from adamkit.distributed import encode_nearest_
 from adamkit.storage import blockwise
 from adamkit.storage.quantized import BlockwiseCodec
-from adamkit.storage.rounding import ShardKey, hash32, stream_uniform
+from adamkit.storage.rounding import ShardKey, hash32, stream_cells
 
 
 def test_hashes_from_a_start_index_are_a_slice_of_the_whole() -> None:
@@ -33,11 +33,11 @@ def test_hashes_from_a_start_index_are_a_slice_of_the_whole() -> None:
 
 @pytest.mark.parametrize("stream", ["exp_avg", "exp_avg_sq", "param"])
 def test_shard_key_draws_the_numbers_of_the_full_tensor(stream) -> None:
-    whole = stream_uniform(torch.empty(64, 10), 777, stream)  # shaped like its argument
+    whole = stream_cells(torch.empty(64, 10), 777, stream)  # shaped like its argument
     assert whole.shape == (64, 10)
     shard = torch.empty(3, 10)  # rows 4..6 of the full tensor
-    assert torch.equal(stream_uniform(shard, ShardKey(777, 40), stream), whole[4:7])
-    other = stream_uniform(shard, 777, stream)  # a plain key draws from index 0
+    assert torch.equal(stream_cells(shard, ShardKey(777, 40), stream), whole[4:7])
+    other = stream_cells(shard, 777, stream)  # a plain key draws from index 0
     assert not torch.equal(other, whole[4:7])
 
 

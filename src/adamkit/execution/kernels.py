@@ -476,7 +476,36 @@ def needs_random(spec: KernelSpec) -> bool:
     return narrow_state or (spec.stochastic_param and spec.param_dtype != torch.float32)
 
 
+def _inductor_cpp():
+    from torch._inductor.codegen import cpp
+
+    return cpp
+
+
+def _vec_kernel():
+    return _inductor_cpp().CppVecKernel
+
+
 @contextlib.contextmanager
+def _replaced(owner: Callable[[], Any], name: str, replace: Callable[[Any], Any]):
+    """While the block runs, ``owner().<name>`` is ``replace(original)``; the original after.
+
+    The code-generation patches below are all of this form. Where inductor lacks the owner or
+    the attribute (another torch version), nothing is replaced and the block runs as it is.
+    """
+    try:
+        target = owner()
+        original = vars(target)[name]
+    except (ImportError, AttributeError, KeyError):
+        yield
+        return
+    setattr(target, name, replace(original))
+    try:
+        yield
+    finally:
+        setattr(target, name, original)
+
+
 def _copies_follow_lowp_tiling(lowp: torch.dtype | None):
     """While compiling a kernel with bf16/fp16 tensors: let a loop body that only copies fp32
     values count as of ``lowp`` when inductor's C++ backend picks a fused loop's vector width.
@@ -488,27 +517,19 @@ def _copies_follow_lowp_tiling(lowp: torch.dtype | None):
     moments (fp32 moments: 1.2-1.7 ms). A copy body computes nothing, so its tiling changes no
     value. Without inductor's function (another torch version), nothing is changed.
     """
-    try:
-        from torch._inductor.codegen import cpp as inductor_cpp
+    if lowp is None:
+        return contextlib.nullcontext()
 
-        original = inductor_cpp.get_loop_body_lowp_fp
-    except (ImportError, AttributeError):
-        original = None
-    if lowp is None or original is None:
-        yield
-        return
+    def replace(original):
+        def lowp_fp(body):
+            found = original(body)
+            if found[0] is None and _only_copies(body):
+                return lowp, True  # True: computes (nothing) in fp32
+            return found
 
-    def lowp_fp(body):
-        found = original(body)
-        if found[0] is None and _only_copies(body):
-            return lowp, True  # True: computes (nothing) in fp32
-        return found
+        return lowp_fp
 
-    inductor_cpp.get_loop_body_lowp_fp = lowp_fp
-    try:
-        yield
-    finally:
-        inductor_cpp.get_loop_body_lowp_fp = original
+    return _replaced(_inductor_cpp, "get_loop_body_lowp_fp", replace)
 
 
 CODEGEN_PATCHES = (
@@ -541,7 +562,6 @@ def _codegen_marker():
     return CodegenPatches()
 
 
-@contextlib.contextmanager
 def _vector_bitcasts():
     """While compiling a kernel: let inductor's C++ backend reinterpret a vector of float32 as
     int32 (and back) as one vector, ``at::vec::cast``, instead of element by element.
@@ -552,36 +572,26 @@ def _vector_bitcasts():
     the result with element inserts whose store is not forwarded to the load. The bits are
     the same either way. Without inductor's class (another torch version) nothing changes.
     """
-    try:
-        from torch._inductor.codegen import cpp as inductor_cpp
-
-        overrides = inductor_cpp.CppVecOverrides
-        original = overrides.__dict__["to_dtype_bitcast"]
-    except (ImportError, AttributeError, KeyError):
-        yield
-        return
     same_width = {torch.float32, torch.int32}
 
-    def to_dtype_bitcast(x, dtype, src_dtype):
-        kernel = inductor_cpp.V.kernel
-        if {dtype, src_dtype} == same_width and getattr(x, "dtype", None) == src_dtype:
-            cpp = inductor_cpp.DTYPE_TO_CPP[dtype]
-            vectors = kernel._get_num_vectors(src_dtype)
-            if vectors == 1:
-                return f"at::vec::cast<{cpp}>({x})"
-            if vectors == 2:  # (a loop tiled by 32: two vectors of 16)
-                halves = f"at::vec::cast<{cpp}>({x}[0]), at::vec::cast<{cpp}>({x}[1])"
-                return f"at::vec::VectorizedN<{cpp},2>({halves})"
-        return original.__func__(x, dtype, src_dtype)
+    def replace(original):
+        def to_dtype_bitcast(x, dtype, src_dtype):
+            inductor_cpp = _inductor_cpp()
+            if {dtype, src_dtype} == same_width and getattr(x, "dtype", None) == src_dtype:
+                cpp = inductor_cpp.DTYPE_TO_CPP[dtype]
+                vectors = inductor_cpp.V.kernel._get_num_vectors(src_dtype)
+                if vectors == 1:
+                    return f"at::vec::cast<{cpp}>({x})"
+                if vectors == 2:  # (a loop tiled by 32: two vectors of 16)
+                    halves = f"at::vec::cast<{cpp}>({x}[0]), at::vec::cast<{cpp}>({x}[1])"
+                    return f"at::vec::VectorizedN<{cpp},2>({halves})"
+            return original.__func__(x, dtype, src_dtype)
 
-    overrides.to_dtype_bitcast = staticmethod(to_dtype_bitcast)
-    try:
-        yield
-    finally:
-        overrides.to_dtype_bitcast = original
+        return staticmethod(to_dtype_bitcast)
+
+    return _replaced(lambda: _inductor_cpp().CppVecOverrides, "to_dtype_bitcast", replace)
 
 
-@contextlib.contextmanager
 def _vector_aranges():
     """While compiling a kernel: let inductor's C++ backend build a vector of element indices
     as ``broadcast(first) + [0, 1, ..., 15] * stride`` instead of from 16 runtime scalars.
@@ -592,32 +602,24 @@ def _vector_aranges():
     that shuffles); with a base of 0 the lanes are a constant that stays in a register. Same
     values either way. Without inductor's class (another torch version) nothing changes.
     """
-    try:
-        from torch._inductor.codegen import cpp as inductor_cpp
 
-        vec_kernel = inductor_cpp.CppVecKernel
-        original = vec_kernel.__dict__["arange"]
-    except (ImportError, AttributeError, KeyError):
-        yield
-        return
+    def replace(original):
+        def arange(self, index, stride):
+            if index.dtype != torch.int32:  # (the random streams' and tail masks' indices)
+                return original(self, index, stride)
+            vec = self._get_vec_type(index.dtype)
+            csevar = self.cse.generate(
+                self.compute, f"({vec}({index}) + {vec}::arange(0, {stride}))"
+            )
+            csevar.dtype = index.dtype
+            csevar.is_vec = True
+            return csevar
 
-    def arange(self, index, stride):
-        if index.dtype not in (torch.int32, torch.int64):
-            return original(self, index, stride)
-        vec = self._get_vec_type(index.dtype)
-        csevar = self.cse.generate(self.compute, f"({vec}({index}) + {vec}::arange(0, {stride}))")
-        csevar.dtype = index.dtype
-        csevar.is_vec = True
-        return csevar
+        return arange
 
-    vec_kernel.arange = arange
-    try:
-        yield
-    finally:
-        vec_kernel.arange = original
+    return _replaced(_vec_kernel, "arange", replace)
 
 
-@contextlib.contextmanager
 def _vector_narrowing():
     """While compiling a kernel: let inductor's C++ backend convert a vector of int32 to uint8
     through int8 (``cast<uint8_t>(convert<int8_t>(x))``), which ATen's vector library has a
@@ -628,30 +630,21 @@ def _vector_narrowing():
     bits are the same either way (both conversions wrap modulo 256). One 4.5M-element int8
     slot, one thread: 13.4 -> 9.5 ms. Without inductor's class nothing changes.
     """
-    try:
-        from torch._inductor.codegen import cpp as inductor_cpp
 
-        vec_kernel = inductor_cpp.CppVecKernel
-        original = vec_kernel.__dict__["get_to_dtype_expr"]
-    except (ImportError, AttributeError, KeyError):
-        yield
-        return
+    def replace(original):
+        def to_dtype_expr(self, src, dtype, src_dtype, rounding=False):
+            if (
+                getattr(src, "is_vec", False)
+                and (src_dtype, dtype) == (torch.int32, torch.uint8)
+                and self._get_num_vectors(torch.int32) == 1
+                and self._get_num_vectors(torch.uint8) == 1
+            ):
+                return f"at::vec::cast<uint8_t>(at::vec::convert<int8_t>({src}))"
+            return original(self, src, dtype, src_dtype, rounding)
 
-    def to_dtype_expr(self, src, dtype, src_dtype, rounding=False):
-        if (
-            getattr(src, "is_vec", False)
-            and (src_dtype, dtype) == (torch.int32, torch.uint8)
-            and self._get_num_vectors(torch.int32) == 1
-            and self._get_num_vectors(torch.uint8) == 1
-        ):
-            return f"at::vec::cast<uint8_t>(at::vec::convert<int8_t>({src}))"
-        return original(self, src, dtype, src_dtype, rounding)
+        return to_dtype_expr
 
-    vec_kernel.get_to_dtype_expr = to_dtype_expr
-    try:
-        yield
-    finally:
-        vec_kernel.get_to_dtype_expr = original
+    return _replaced(_vec_kernel, "get_to_dtype_expr", replace)
 
 
 PREFETCH_AHEAD = 1024
@@ -662,7 +655,6 @@ fp32, 1 KB of int8 codes; measured flat from 256 to 4096 elements)."""
 _KERNEL_ARGUMENT = re.compile(r"(in|out)_ptr\d+$")
 
 
-@contextlib.contextmanager
 def _prefetched_loads():
     """While compiling a kernel: precede each contiguous vector load of inductor's C++ backend
     with a software prefetch of the same tensor ``PREFETCH_AHEAD`` elements further on.
@@ -676,31 +668,21 @@ def _prefetched_loads():
     A prefetch never faults, so addresses past a tensor's end are harmless, and it changes no
     value. Only for GCC/Clang (``__builtin_prefetch``); elsewhere nothing changes.
     """
-    try:
-        from torch._inductor.codegen import cpp as inductor_cpp
-        from torch._inductor.codegen.cpp_utils import cexpr_index
+    if sys.platform == "win32":  # MSVC has no __builtin_prefetch
+        return contextlib.nullcontext()
 
-        vec_kernel = inductor_cpp.CppVecKernel
-        original = vec_kernel.__dict__["_get_vec_load_line"]
-    except (ImportError, AttributeError, KeyError):
-        original = None
-    if original is None or sys.platform == "win32":  # MSVC has no __builtin_prefetch
-        yield
-        return
+    def replace(original):
+        def load_line(self, var, index, dtype, load_mask=None):
+            line = original(self, var, index, dtype, load_mask)
+            if load_mask is not None or dtype == torch.bool or not _KERNEL_ARGUMENT.match(var):
+                return line  # (masked, boolean, or from a local buffer of gathered elements)
+            start = f"{var} + {_inductor_cpp().cexpr_index(index)}" if index != 0 else var
+            # (a comma expression: the line stays one expression, as inductor's CSE expects)
+            return f"(__builtin_prefetch({start} + {PREFETCH_AHEAD}, 0, 3), {line})"
 
-    def load_line(self, var, index, dtype, load_mask=None):
-        line = original(self, var, index, dtype, load_mask)
-        if load_mask is not None or dtype == torch.bool or not _KERNEL_ARGUMENT.match(var):
-            return line  # (not a local buffer: inductor gathers strided loads into one)
-        start = f"{var} + {cexpr_index(index)}" if index != 0 else var
-        # (a comma expression: the line stays one expression, as inductor's CSE expects)
-        return f"(__builtin_prefetch({start} + {PREFETCH_AHEAD}, 0, 3), {line})"
+        return load_line
 
-    vec_kernel._get_vec_load_line = load_line
-    try:
-        yield
-    finally:
-        vec_kernel._get_vec_load_line = original
+    return _replaced(_vec_kernel, "_get_vec_load_line", replace)
 
 
 def _only_copies(body) -> bool:

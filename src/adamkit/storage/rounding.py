@@ -126,7 +126,7 @@ class ShardKey(NamedTuple):
 
     ``start`` is the row-major index of the shard's first element in the full tensor (the
     shard is a contiguous range), or a tensor with the full-tensor index of every element of
-    the shard. Codecs pass it through to :func:`stream_uniform` unchanged, so a sharded step
+    the shard. Codecs pass it through to :func:`stream_cells` unchanged, so a sharded step
     (FSDP2) draws the numbers the unsharded step draws for the same elements.
     """
 
@@ -143,13 +143,6 @@ def stream_cells(like: Tensor, rng_key: Tensor | int | ShardKey, stream: str) ->
     pair, shift = STREAMS[stream]
     h = hash32(like.numel(), key ^ pair, like.device, start).view(like.shape)
     return (h >> shift) & 0xFFFF
-
-
-def stream_uniform(like: Tensor, rng_key: Tensor | int | ShardKey, stream: str) -> Tensor:
-    """Uniform numbers in (0, 1), the midpoints (k + 1/2) / 2^16 of a grid of 2^16 cells, for
-    every element of ``like`` (the cells of :func:`stream_cells`). Midpoints: P(u < p) is
-    within 2^-17 of p, above or below."""
-    return as_uniform(stream_cells(like, rng_key, stream))
 
 
 def as_uniform(u: Tensor) -> Tensor:
