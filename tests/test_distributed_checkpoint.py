@@ -28,6 +28,7 @@ import adamkit
 AFTER = 3  # steps trained after the checkpoint
 TOLERANCE = {None: 1e-6, "float32": 1e-6, "bfloat16": 1e-2, "int8": 0.05, "int4": 0.3}
 QUANTISED = ("int8", "int4")
+CODES = {"int8": "codes", "int4": "int4_codes"}  # the codes' key: {moment}_{CODES[format]}
 
 
 @pytest.fixture(scope="module")
@@ -149,7 +150,7 @@ def test_unsharded_codes_load_into_shards_that_cut_blocks(four_ranks, state_dtyp
     shards start inside blocks (30 rows of 40): each rank decodes the blocks that cover its
     rows and quantises its rows again, in its own blocks."""
     result = four_ranks[0]["full-codes-load", state_dtype]
-    assert "exp_avg_codes" in result["keys"]
+    assert f"exp_avg_{CODES[state_dtype]}" in result["keys"]
     for key in ("exp_avg", "exp_avg_sq"):
         for name in ("0.weight", "2.weight"):
             err = rel(result["got"][key][name], result["want"][key][name])
@@ -216,12 +217,14 @@ def test_checkpoint_holds_codes_where_rows_are_whole_blocks(compact_saved, state
     entries = moment_entries(root / f"wide-{state_dtype}")
     rows, row = W.WIDE_HIDDEN, W.WIDE_IN
     for key in ("exp_avg", "exp_avg_sq"):
-        assert entries[f"0.weight.{key}_codes"] == ((rows, row * bits // 8), torch.uint8)
+        codes = f"0.weight.{key}_{CODES[state_dtype]}"
+        assert entries[codes] == ((rows, row * bits // 8), torch.uint8)
         assert entries[f"0.weight.{key}_absmax"] == ((rows, row // block), torch.float32)
         assert f"0.weight.{key}" not in entries
         # rows of 64 elements split blocks: decoded, torch's layout
         assert entries[f"2.weight.{key}"] == ((W.WIDE_OUT, W.WIDE_HIDDEN), torch.float32)
-        assert f"2.weight.{key}_codes" not in entries and f"2.weight.{key}_absmax" not in entries
+        assert f"2.weight.{key}_{CODES[state_dtype]}" not in entries
+        assert f"2.weight.{key}_absmax" not in entries
     compact = entry_bytes(entries, "0.weight")
     decoded = entry_bytes(moment_entries(root / "wide-int8-decoded"), "0.weight")
     assert decoded == 2 * rows * row * 4
@@ -249,7 +252,7 @@ def test_compact_checkpoint_reshards(compact_saved, compact_loaded, state_dtype)
         assert torch.equal(got[key]["0.weight"], want[key]["0.weight"]), key
         err = rel(got[key]["2.weight"], want[key]["2.weight"])
         assert 0 < err <= TOLERANCE[state_dtype], (key, err)
-    assert "exp_avg_codes" in compact_loaded[0]["local-keys", state_dtype]
+    assert f"exp_avg_{CODES[state_dtype]}" in compact_loaded[0]["local-keys", state_dtype]
     trained, uninterrupted = (
         compact_loaded[0]["trained", state_dtype],
         ranks[0]["uninterrupted", state_dtype],

@@ -164,7 +164,8 @@ def test_fsdp2_state_lives_on_local_shards(runs, state_dtype) -> None:
     tensors (blocks inside a shard), never gathered."""
     types = set(runs[2][0]["fsdp2", state_dtype]["state_types"])
     if state_dtype in ("int8", "int4"):
-        assert {"exp_avg_codes:Tensor", "exp_avg_sq_absmax:Tensor"} <= types
+        codes = "exp_avg_int4_codes" if state_dtype == "int4" else "exp_avg_codes"
+        assert {f"{codes}:Tensor", "exp_avg_sq_absmax:Tensor"} <= types
         assert "exp_avg:DTensor" in types  # the biases (< min_quantized_size) stay fp32
     else:
         assert {"exp_avg:DTensor", "exp_avg_sq:DTensor"} <= types

@@ -115,3 +115,42 @@ def test_unsharded_state_dict_keeps_codes() -> None:
     _train(nn.Sequential(nn.Linear(64, 128), model), opt, range(1))
     entry = opt.state_dict()["state"][0]
     assert entry["exp_avg_codes"].dtype == torch.uint8 and "exp_avg" not in entry
+
+
+def test_paired_int4_checkpoint_loads_through_the_planner_bit_for_bit(tmp_path) -> None:
+    """A DCP checkpoint of int4 codes in the earlier neighbour layout (``{key}_codes``) into an
+    int4 optimizer, whose template asks for ``{key}_int4_codes``: adamkit's LoadPlanner fits
+    the template to the checkpoint, the optimizer repacks the codes, and the run continues
+    exactly as the run that kept the old layout."""
+    import torch.distributed.checkpoint as dcp
+
+    from adamkit.distributed import LoadPlanner
+    from adamkit.storage import select
+
+    def make():
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(64, 256), nn.Tanh(), nn.Linear(256, 4))
+        return model, adamkit.AdamW(model.parameters(), state_dtype="int4", min_quantized_size=0)
+
+    model, opt = make()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(select._FIXED, "int4", select.PAIRED_INT4)
+        _train(model, opt, range(3))
+        model_sd, optim_sd = get_state_dict(model, opt)
+        assert "exp_avg_codes" in optim_sd["state"]["0.weight"]
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp_path))
+        _train(model, opt, range(3, 5))
+    model2, opt2 = make()
+    _train(model2, opt2, range(1))  # state to load into: the template asks for int4_codes
+    model_sd2, optim_sd2 = get_state_dict(model2, opt2)
+    assert "exp_avg_int4_codes" in optim_sd2["state"]["0.weight"]
+    state = {"model": model_sd2, "optim": optim_sd2}
+    dcp.load(state, checkpoint_id=str(tmp_path), planner=LoadPlanner())
+    set_state_dict(model2, opt2, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    assert "exp_avg_int4_codes" in opt2.state[model2[0].weight]
+    assert "exp_avg_codes" not in opt2.state[model2[0].weight]
+    _train(model2, opt2, range(3, 5))
+    for p, p2 in zip(model.parameters(), model2.parameters()):
+        assert torch.equal(p, p2)
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(opt.decoded_state(p)[key], opt2.decoded_state(p2)[key]), key

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import io
 import math
 
@@ -166,11 +167,23 @@ def test_minifloat_levels_are_within_one_eighth_of_their_neighbours() -> None:
         assert positive.max() / positive.min() >= 2.0**octaves
 
 
-def test_pack4_roundtrip() -> None:
-    codes = torch.randint(0, 16, (256,), dtype=torch.uint8)
-    packed = blockwise.pack4(codes)
-    assert packed.numel() == 128
-    assert torch.equal(blockwise.unpack4(packed), codes)
+@pytest.mark.parametrize("packing", blockwise.PACKINGS)
+def test_pack4_roundtrip(packing) -> None:
+    codes = torch.randint(0, 16, (3, 256), dtype=torch.uint8)
+    packed = blockwise.pack4(codes, packing)
+    assert packed.shape == (3, 128)
+    assert torch.equal(blockwise.unpack4(packed, packing), codes)
+
+
+def test_pack4_byte_layouts() -> None:
+    """halves: byte j of a block holds codes j (low nibble) and j + 128 (high); pairs: codes
+    2j and 2j + 1."""
+    codes = torch.randint(0, 16, (2, 256), dtype=torch.uint8)
+    halves, pairs = blockwise.pack4(codes, "halves"), blockwise.pack4(codes, "pairs")
+    for b in range(2):
+        for j in range(128):
+            assert halves[b, j].item() == codes[b, j].item() + 16 * codes[b, j + 128].item()
+            assert pairs[b, j].item() == codes[b, 2 * j].item() + 16 * codes[b, 2 * j + 1].item()
 
 
 def test_unsigned_map_never_decodes_nonzero_block_to_zero() -> None:
@@ -269,6 +282,8 @@ def test_small_tensors_stay_fp32_and_report_says_why() -> None:
     opt0 = adamkit.AdamW(_model_params(), state_dtype="int4", min_quantized_size=0)
     _train(opt0, opt0.param_groups[0]["params"], 1)
     assert [r.format for r in adamkit.memory_report(opt0).tensors] == ["int4"] * 3
+    first = opt0.param_groups[0]["params"][0]
+    assert {"exp_avg_int4_codes", "exp_avg_sq_int4_codes"} <= set(opt0.state[first])
 
 
 @pytest.mark.parametrize("state_dtype", ["bfloat16", "int8", "int4"])
@@ -284,7 +299,8 @@ def test_compact_resume_is_bitwise(state_dtype) -> None:
     buf.seek(0)
     sd = torch.load(buf, weights_only=True)
     if state_dtype != "bfloat16":
-        assert sd["state"][0]["exp_avg_codes"].dtype == torch.uint8
+        codes = "exp_avg_int4_codes" if state_dtype == "int4" else "exp_avg_codes"
+        assert sd["state"][0][codes].dtype == torch.uint8
         assert sd["state"][0]["exp_avg_absmax"].dtype == torch.float32
     resumed = adamkit.AdamW(b, **kw)
     resumed.load_state_dict(sd)
@@ -336,7 +352,8 @@ def test_checkpoints_of_the_earlier_int4_format_load_re_encoded() -> None:
     new.load_state_dict(saved)
     for i, p in enumerate(params):
         st = new.state[p]
-        assert st["exp_avg_codes"].numel() == 128 * st["exp_avg_absmax"].numel()
+        assert "exp_avg_codes" not in st
+        assert st["exp_avg_int4_codes"].numel() == 128 * st["exp_avg_absmax"].numel()
         for key in ("exp_avg", "exp_avg_sq"):
             got = new.decoded_state(p)[key]
             assert relative_error(got, want[p][key]) <= 0.3, (i, key)
@@ -344,6 +361,42 @@ def test_checkpoints_of_the_earlier_int4_format_load_re_encoded() -> None:
     bad = {"exp_avg_codes": torch.zeros(96, dtype=torch.uint8), "exp_avg_absmax": torch.ones(3)}
     with pytest.raises(ValueError, match="exp_avg_codes: 32 bytes of codes per block scale"):
         select.infer_codec(bad, "exp_avg")
+    bad = {"exp_avg_int4_codes": torch.zeros(768), "exp_avg_absmax": torch.ones(3)}
+    with pytest.raises(ValueError, match="exp_avg_int4_codes: 256 bytes of codes per block"):
+        select.infer_codec(bad, "exp_avg")
+
+
+def test_int4_checkpoints_with_neighbouring_codes_load_bit_for_bit() -> None:
+    """int4 codes of the same maps and blocks packed as neighbours (``{key}_codes``, earlier
+    versions) are repacked as halves when loaded: the resumed run continues exactly as the
+    run that kept the old layout (the noise of stochastic rounding follows the elements, not
+    the bytes)."""
+    params, again = _model_params(), _model_params()
+    kw = {"lr": 1e-2, "state_dtype": "int4", "min_quantized_size": 0}
+    old = adamkit.AdamW(params, **kw)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(select._FIXED, "int4", select.PAIRED_INT4)
+        _train(old, params, 4)
+        saved = copy.deepcopy(old.state_dict())
+        with torch.no_grad():
+            for p, q in zip(again, params):
+                p.copy_(q)
+        _train(old, params, 3)
+        want = [old.decoded_state(p) for p in params]
+    assert "exp_avg_codes" in saved["state"][0] and "exp_avg_int4_codes" not in saved["state"][0]
+    new = adamkit.AdamW(again, **kw)
+    new.load_state_dict(saved)
+    st = new.state[again[0]]
+    before = saved["state"][0]
+    torch.testing.assert_close(st["exp_avg_absmax"], before["exp_avg_absmax"], rtol=0, atol=0)
+    pairs = blockwise.unpack4(before["exp_avg_codes"].view(-1, 128), "pairs")
+    assert torch.equal(blockwise.unpack4(st["exp_avg_int4_codes"].view(-1, 128), "halves"), pairs)
+    _train(new, again, 3)
+    for p, q, ref in zip(again, params, want):
+        assert torch.equal(p, q)
+        got = new.decoded_state(p)
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(got[key], ref[key]), key
 
 
 def test_bad_state_arguments() -> None:

@@ -21,8 +21,9 @@ present the same keys:
   view) holds whole blocks (``c % block == 0``). Every shard is then a range of whole rows, so
   of whole blocks, on any number of ranks, and the codes and scales of the shards, in rank
   order, are those of the unsharded tensor. They are presented as DTensors laid out as the
-  param: ``{key}_codes`` of shape ``(rows, c * bits / 8)`` (uint8) and ``{key}_absmax`` of
-  shape ``(rows, c / block)`` (float32). DCP reshards them like any row-sharded tensor, and a
+  param: the codes (``{key}_codes``, int4: ``{key}_int4_codes``) of shape
+  ``(rows, c * bits / 8)`` (uint8) and ``{key}_absmax`` of shape ``(rows, c / block)``
+  (float32). DCP reshards them like any row-sharded tensor, and a
   load on any world size takes the codes back unchanged: no requantisation, bitwise.
   Checkpoint bytes per element: ``bits / 8 + 4 / block`` per moment (int8 about 1.02, int4
   about 0.52) instead of 4.
@@ -56,7 +57,7 @@ from adamkit.storage import blockwise
 from adamkit.storage.float import real_view
 from adamkit.storage.quantized import BlockwiseCodec
 from adamkit.storage.select import MOMENT_KEYS as MOMENTS
-from adamkit.storage.select import infer_codec
+from adamkit.storage.select import infer_codec, stored_names
 from adamkit.storage.shards import (
     DTensor,
     is_dtensor,
@@ -96,7 +97,8 @@ def decoded_sharded_state(optimizer: Any, param: Tensor) -> dict[str, Tensor]:
 
 
 def has_local_codes(state: dict[str, Any]) -> bool:
-    return any(f"{key}_codes" in state for key in MOMENTS)
+    names = (name for key in MOMENTS for name in stored_names(key) if name.endswith("_codes"))
+    return any(name in state for name in names)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -312,14 +314,15 @@ def adopt_sharded_state(optimizer: Any, param: Tensor, saved: dict[str, Any]) ->
     device = local(param).device
     for key in MOMENTS:
         source = infer_codec(saved, key)
-        for stale in (key, f"{key}_codes", f"{key}_absmax"):
+        for stale in stored_names(key):
             state.pop(stale, None)
         if source is None:
             continue
         if isinstance(source, BlockwiseCodec):
             blocks, value = _saved_blocks(source, saved, key, param)
-            if blocks is not None and source == codec:
-                state.update({k: v.to(device).clone() for k, v in blocks.items()})
+            same = isinstance(codec, BlockwiseCodec) and codec.same_levels(source)
+            if blocks is not None and same:
+                state.update(codec.adopt(source, blocks, key, device))
                 continue
             if blocks is not None:
                 value = source.decode(blocks, key, shape, dtype)
@@ -350,7 +353,9 @@ try:  # torch.distributed may be missing from a build
 except ImportError:  # pragma: no cover
     DefaultLoadPlanner = object
 
-_MOMENT_FQN = re.compile(r"^(?P<base>.+)\.(?P<key>" + "|".join(MOMENTS) + r")(_codes|_absmax)?$")
+_MOMENT_FQN = re.compile(
+    r"^(?P<base>.+)\.(?P<key>" + "|".join(MOMENTS) + r")(_codes|_int4_codes|_absmax)?$"
+)
 
 
 class LoadPlanner(DefaultLoadPlanner):
@@ -379,9 +384,13 @@ class LoadPlanner(DefaultLoadPlanner):
             if match and "step" in self._parent(fqn):
                 moments.setdefault((match["base"], match["key"]), []).append(fqn)
         for (base, key), names in moments.items():
-            compact = [f"{base}.{key}_codes", f"{base}.{key}_absmax"]
-            if all(n in saved for n in compact):
-                want = compact
+            compact = [
+                [f"{base}.{key}_{codes}", f"{base}.{key}_absmax"]
+                for codes in ("int4_codes", "codes")
+            ]
+            compact = [names for names in compact if all(n in saved for n in names)]
+            if compact:
+                want = compact[0]
             elif f"{base}.{key}" in saved:
                 want = [f"{base}.{key}"]
             else:

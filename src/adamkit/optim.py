@@ -35,6 +35,7 @@ from adamkit.storage.select import (
     Codec,
     infer_codec,
     select_codec,
+    stored_names,
     validate_min_quantized_size,
     validate_state_dtype,
 )
@@ -541,13 +542,12 @@ class Adam(Optimizer):
         real = torch.view_as_real(param) if param.is_complex() else param
         for key in MOMENT_KEYS:
             source = infer_codec(saved, key)
-            for stale in (key, f"{key}_codes", f"{key}_absmax"):
+            for stale in stored_names(key):
                 state.pop(stale, None)
             if source is None:
                 continue
-            if isinstance(codec, BlockwiseCodec) and source == codec:
-                for k in codec.state_keys(key):
-                    state[k] = saved[k].to(param.device).clone()
+            if isinstance(codec, BlockwiseCodec) and codec.same_levels(source):
+                state.update(codec.adopt(source, saved, key, param.device))
                 continue
             value = source.decode(saved, key, real.shape, compute_dtype(param))
             state.update(codec.allocate(param, key))

@@ -1,23 +1,25 @@
 """Moments kept as block-wise int8 or int4 codes with one fp32 absmax per block.
 
 A moment ``key`` (``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq``) is stored under two state
-keys: ``{key}_codes`` (uint8; two 4-bit codes per byte for int4) and ``{key}_absmax`` (fp32, one
-per block). The first moment uses the signed map, the second moments the unsigned map without a
-zero level (see :mod:`adamkit.storage.blockwise`). Every tensor is quantised, whatever its size:
-the last block is zero-padded. The codec never sees the update rule: it decodes to fp32 and
-encodes from fp32, inside whichever executor runs the step.
+keys: the codes and ``{key}_absmax`` (fp32, one per block). The codes are ``{key}_codes``
+(uint8) for int8 and ``{key}_int4_codes`` for int4 (two codes a byte, packed as halves of a
+block). ``{key}_codes`` holding 4-bit codes is the neighbour layout of earlier versions, read
+from checkpoints only. The first moment uses the signed map, the second moments the unsigned
+map without a zero level (see :mod:`adamkit.storage.blockwise`). Every tensor is quantised,
+whatever its size: the last block is zero-padded. The codec never sees the update rule: it
+decodes to fp32 and encodes from fp32, inside whichever executor runs the step.
 
-Two maps from a block's normalised values to codes. Power maps (the int4 default): the first
-moment is stored as sqrt(|m|) (power 2), the second as v^(1/4), i.e. sqrt of the sqrt(v) that
-the update divides by (powers chosen by measurement, docs/benchmarks.md, "lean state
-quality"). Minifloat maps (``mantissa`` bits; the int8 default, ``mantissa=3``): 8 levels per
-octave, encoded and decoded with integer arithmetic on the float bits, about 2x faster
-compiled kernels than the power maps at the same quality (docs/benchmarks.md).
+Two maps from a block's normalised values to codes. Power maps (the first int4 format, read
+from checkpoints only): the first moment is stored as sqrt(|m|) (power 2), the second as
+v^(1/4), i.e. sqrt of the sqrt(v) that the update divides by. Minifloat maps (``mantissa``
+bits; int8 with ``mantissa=3``, 8 levels per octave; int4 with ``mantissa=1``): encoded and
+decoded with integer arithmetic on the float bits, about 2x faster compiled kernels than the
+power maps at the same quality (docs/benchmarks.md).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -38,6 +40,7 @@ class BlockwiseCodec:
     power_signed: float = 2.0
     power_unsigned: float = 4.0
     mantissa: int | None = None  # minifloat map with this many mantissa bits (else powers)
+    packing: str = "pairs"  # byte layout of 4-bit codes (blockwise.PACKINGS)
 
     @property
     def name(self) -> str:
@@ -46,6 +49,8 @@ class BlockwiseCodec:
     def _kw(self, key: str) -> dict:
         signed = key in SIGNED_KEYS
         kw = {"block": self.block, "bits": self.bits, "signed": signed}
+        if self.bits == 4:
+            kw["packing"] = self.packing
         if self.mantissa is not None:
             return {**kw, "mantissa": self.mantissa}
         return {**kw, "power": self.power_signed if signed else self.power_unsigned}
@@ -55,7 +60,30 @@ class BlockwiseCodec:
         return torch.uint8
 
     def state_keys(self, key: str) -> tuple[str, ...]:
-        return (f"{key}_codes", f"{key}_absmax")
+        """``(codes, scales)`` keys of moment ``key``. 4-bit codes packed as halves are kept
+        under ``{key}_int4_codes``: the name tells a checkpoint's byte layout (both int4
+        layouts have 128 bytes of codes per scale)."""
+        codes = "int4_codes" if self.bits == 4 and self.packing == "halves" else "codes"
+        return (f"{key}_{codes}", f"{key}_absmax")
+
+    def same_levels(self, other: object) -> bool:
+        """Whether ``other`` stores the same values in the same blocks (maybe another byte
+        layout), so that its codes convert to this codec's exactly."""
+        return isinstance(other, BlockwiseCodec) and replace(other, packing=self.packing) == self
+
+    def adopt(self, source: BlockwiseCodec, saved: dict, key: str, device) -> dict[str, Tensor]:
+        """The state entries of moment ``key`` from ``saved`` codes of ``source`` (a codec of
+        :meth:`same_levels`): copied, or repacked from another byte layout, bit for bit."""
+        codes_key, absmax_key = source.state_keys(key)
+        codes, absmax = saved[codes_key], saved[absmax_key]
+        if source.packing != self.packing and self.bits == 4:
+            rows = codes.reshape(-1, self.block // 2)
+            codes = blockwise.pack4(blockwise.unpack4(rows, source.packing), self.packing)
+        new_codes, new_absmax = self.state_keys(key)
+        return {
+            new_codes: codes.reshape(-1).to(device).clone(),
+            new_absmax: absmax.reshape(-1).to(device).clone(),
+        }
 
     def allocate(self, param: Tensor, key: str) -> dict[str, Tensor]:
         """Codes of an all-zero moment (zero codes are not all-zero bytes: encode zeros).

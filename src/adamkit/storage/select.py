@@ -8,9 +8,12 @@
 - ``"bfloat16"``: bf16 moments written with stochastic rounding (4 B/param for m and v);
 - ``"int8"``: block-wise 8-bit codes, block 256 (about 2.03 B/param);
 - ``"int4"``: block-wise 4-bit codes, block 256 (about 1.03 B/param), minifloat maps with one
-  mantissa bit (m: sign and 7 magnitudes; v: 15 levels over 7 octaves, no zero level).
-  Earlier versions wrote int4 with power maps (m sqrt, v fourth root) in blocks of 128; such
-  checkpoints are recognised by their block and re-encoded when loaded (``infer_codec``).
+  mantissa bit (m: sign and 7 magnitudes; v: 15 levels over 7 octaves, no zero level), two
+  codes a byte packed as halves of a block (``{key}_int4_codes``).
+  Earlier versions wrote int4 codes under ``{key}_codes``: with the same maps and blocks but
+  neighbouring codes in a byte (such checkpoints load bit for bit, repacked), or with power
+  maps (m sqrt, v fourth root) in blocks of 128 (recognised by their block and re-encoded
+  when loaded). See ``infer_codec``.
 
 Quantised formats keep params with fewer than ``min_quantized_size`` elements in fp32: biases
 and norm weights are a negligible share of memory and the most sensitive to noise. The reason
@@ -37,11 +40,15 @@ _FIXED = {
     "float32": FloatCodec(torch.float32),
     "bfloat16": FloatCodec(torch.bfloat16, stochastic=True),
     "int8": BlockwiseCodec(bits=8, block=256, mantissa=3),
-    "int4": BlockwiseCodec(bits=4, block=256, mantissa=1),
+    "int4": BlockwiseCodec(bits=4, block=256, mantissa=1, packing="halves"),
 }
 
 LEGACY_INT4 = BlockwiseCodec(bits=4, block=128)
-"""The int4 format of earlier versions (power maps, block 128): read from checkpoints only."""
+"""The first int4 format (power maps, block 128): read from checkpoints only."""
+
+PAIRED_INT4 = BlockwiseCodec(bits=4, block=256, mantissa=1)
+"""The int4 format of the next versions: today's maps and blocks, neighbouring codes in a
+byte (``{key}_codes``). Read from checkpoints only, and repacked without loss."""
 
 Codec = FloatCodec | BlockwiseCodec
 
@@ -73,20 +80,31 @@ def select_codec(
     return codec, f"state_dtype={state_dtype!r}"
 
 
+def stored_names(key: str) -> tuple[str, ...]:
+    """Every state key under which any format keeps moment ``key`` (float, codes of each
+    layout, scales): what to clear before the moment is stored anew."""
+    return (key, f"{key}_codes", f"{key}_int4_codes", f"{key}_absmax")
+
+
 def infer_codec(state: dict, key: str) -> Codec | None:
     """The codec a saved state was written with (None if ``key`` is absent)."""
-    if f"{key}_codes" in state:
-        # bytes of codes per block scale: int8 256 (block 256), int4 128 (block 256, two codes
-        # a byte), the earlier int4 64 (block 128)
+    for name, by_ratio, empty in (
+        ("int4_codes", {128: _FIXED["int4"]}, _FIXED["int4"]),
+        # bytes of codes per block scale: int8 256 (block 256), int4 128 (block 256, two
+        # codes a byte), the first int4 64 (block 128)
+        ("codes", {256: _FIXED["int8"], 128: PAIRED_INT4, 64: LEGACY_INT4}, PAIRED_INT4),
+    ):
+        if f"{key}_{name}" not in state:
+            continue
         scales = state[f"{key}_absmax"].numel()
         if scales == 0:  # an empty tensor: no block, nothing to decode either way
-            return _FIXED["int4"]
-        ratio = state[f"{key}_codes"].numel() // scales
-        by_ratio = {256: _FIXED["int8"], 128: _FIXED["int4"], 64: LEGACY_INT4}
+            return empty
+        ratio = state[f"{key}_{name}"].numel() // scales
         if ratio not in by_ratio:
+            known = ", ".join(f"{r}: {c.name} block {c.block}" for r, c in by_ratio.items())
             raise ValueError(
-                f"{key}_codes: {ratio} bytes of codes per block scale match no adamkit format "
-                "(256: int8, 128: int4, 64: the earlier int4)"
+                f"{key}_{name}: {ratio} bytes of codes per block scale match no adamkit format "
+                f"({known})"
             )
         return by_ratio[ratio]
     if key in state:
