@@ -388,7 +388,7 @@ class LoadPlanner(DefaultLoadPlanner):
                 [f"{base}.{key}_{codes}", f"{base}.{key}_absmax"]
                 for codes in ("int4_codes", "codes")
             ]
-            compact = [names for names in compact if all(n in saved for n in names)]
+            compact = [pair for pair in compact if all(n in saved for n in pair)]
             if compact:
                 want = compact[0]
             elif f"{base}.{key}" in saved:

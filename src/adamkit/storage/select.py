@@ -47,8 +47,8 @@ LEGACY_INT4 = BlockwiseCodec(bits=4, block=128)
 """The first int4 format (power maps, block 128): read from checkpoints only."""
 
 PAIRED_INT4 = BlockwiseCodec(bits=4, block=256, mantissa=1)
-"""The int4 format of the next versions: today's maps and blocks, neighbouring codes in a
-byte (``{key}_codes``). Read from checkpoints only, and repacked without loss."""
+"""The second int4 format (2026-12-05 to 2026-12-06): today's maps and blocks, neighbouring
+codes in a byte (``{key}_codes``). Read from checkpoints only, and repacked without loss."""
 
 Codec = FloatCodec | BlockwiseCodec
 
