@@ -242,7 +242,7 @@ def _float_codes(
     stochastic, up with the probability of the remainder, unbiased) and drop the low ``shift``
     bits. The signed map encodes ``f(0) + (1 - f(0)) |x| / absmax``.
     """
-    shift, base, top = _float_layout(bits, signed, mantissa)
+    shift, base, _ = _float_layout(bits, signed, mantissa)
     absmax = rows.abs().amax(dim=1)
     inv = torch.where(absmax > 0, 1.0 / absmax, 0.0)
     mag = (rows.abs() * inv[:, None]).clamp(max=1.0)
@@ -253,7 +253,13 @@ def _float_codes(
         round_bits = 1 << (shift - 1)
     else:
         round_bits = noise_bits(u, shift)
-    k = (((mag.view(torch.int32) + round_bits) >> shift) - base).clamp(0, top)
+    k = ((mag.view(torch.int32) + round_bits) >> shift) - base
+    # mag <= 1 (clamped), and the added bits stay below one level, so k <= top; the signed
+    # map adds f(0) first, so there k >= 0 too (for finite values; a non-finite one makes the
+    # block's scale non-finite, which every code then decodes through). Only the unsigned map
+    # can fall below its lowest level: two fewer vector instructions per 16 codes of m
+    # (measured with the clamp of v: 10.63 -> 10.32 ms an int8 slot).
+    k = k if signed else k.clamp_min(0)
     if signed:
         # the sign bit only on a non-zero magnitude: no "-0" code, so that decoded values
         # re-encode to their own codes (a decoded -0.0 is not < 0)
