@@ -55,11 +55,12 @@ def test_decoded_codes_reencode_to_the_same_codes(bits, block, key, scale) -> No
     encode_nearest_(codec, state, key, x)
     # stochastic codes, as a training step writes them
     codec.encode_(state, key, x, rng_key=99)
-    codes, scales = state[f"{key}_codes"].clone(), state[f"{key}_absmax"].clone()
+    codes_key, scales_key = codec.state_keys(key)
+    codes, scales = state[codes_key].clone(), state[scales_key].clone()
     decoded = codec.decode(state, key, x.shape, torch.float32)
     encode_nearest_(codec, state, key, decoded)
-    assert torch.equal(state[f"{key}_codes"], codes)
-    assert torch.equal(state[f"{key}_absmax"], scales)
+    assert torch.equal(state[codes_key], codes)
+    assert torch.equal(state[scales_key], scales)
 
 
 def test_nearest_encoding_is_not_trivially_exact() -> None:
@@ -70,7 +71,7 @@ def test_nearest_encoding_is_not_trivially_exact() -> None:
     encode_nearest_(codec, state, "exp_avg", x)
     assert not torch.equal(codec.decode(state, "exp_avg", x.shape, torch.float32), x)
     codes = blockwise.quantize(x, noise=None, **codec._kw("exp_avg"))[0]
-    assert torch.equal(state["exp_avg_codes"], codes)
+    assert torch.equal(state[codec.state_keys("exp_avg")[0]], codes)
 
 
 def _train(model: nn.Module, opt, steps: range) -> None:

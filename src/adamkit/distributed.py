@@ -56,8 +56,8 @@ from adamkit.execution.eager import compute_dtype
 from adamkit.storage import blockwise
 from adamkit.storage.float import real_view
 from adamkit.storage.quantized import BlockwiseCodec
+from adamkit.storage.select import BLOCK_SUFFIXES, READABLE, infer_codec, stored_names
 from adamkit.storage.select import MOMENT_KEYS as MOMENTS
-from adamkit.storage.select import infer_codec, stored_names
 from adamkit.storage.shards import (
     DTensor,
     is_dtensor,
@@ -354,7 +354,11 @@ except ImportError:  # pragma: no cover
     DefaultLoadPlanner = object
 
 _MOMENT_FQN = re.compile(
-    r"^(?P<base>.+)\.(?P<key>" + "|".join(MOMENTS) + r")(_codes|_int4_codes|_absmax)?$"
+    r"^(?P<base>.+)\.(?P<key>"
+    + "|".join(MOMENTS)
+    + ")("
+    + "|".join(map(re.escape, BLOCK_SUFFIXES))
+    + ")?$"
 )
 
 
@@ -384,10 +388,7 @@ class LoadPlanner(DefaultLoadPlanner):
             if match and "step" in self._parent(fqn):
                 moments.setdefault((match["base"], match["key"]), []).append(fqn)
         for (base, key), names in moments.items():
-            compact = [
-                [f"{base}.{key}_{codes}", f"{base}.{key}_absmax"]
-                for codes in ("int4_codes", "codes")
-            ]
+            compact = [list(c.state_keys(f"{base}.{key}")) for c in READABLE]
             compact = [pair for pair in compact if all(n in saved for n in pair)]
             if compact:
                 want = compact[0]

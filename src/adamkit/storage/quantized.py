@@ -40,7 +40,7 @@ class BlockwiseCodec:
     power_signed: float = 2.0
     power_unsigned: float = 4.0
     mantissa: int | None = None  # minifloat map with this many mantissa bits (else powers)
-    packing: str = "pairs"  # byte layout of 4-bit codes (blockwise.PACKINGS)
+    packing: str = "halves"  # byte layout of 4-bit codes (blockwise.PACKINGS)
 
     @property
     def name(self) -> str:

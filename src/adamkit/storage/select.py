@@ -40,15 +40,23 @@ _FIXED = {
     "float32": FloatCodec(torch.float32),
     "bfloat16": FloatCodec(torch.bfloat16, stochastic=True),
     "int8": BlockwiseCodec(bits=8, block=256, mantissa=3),
-    "int4": BlockwiseCodec(bits=4, block=256, mantissa=1, packing="halves"),
+    "int4": BlockwiseCodec(bits=4, block=256, mantissa=1),
 }
 
-LEGACY_INT4 = BlockwiseCodec(bits=4, block=128)
+LEGACY_INT4 = BlockwiseCodec(bits=4, block=128, packing="pairs")
 """The first int4 format (power maps, block 128): read from checkpoints only."""
 
-PAIRED_INT4 = BlockwiseCodec(bits=4, block=256, mantissa=1)
+PAIRED_INT4 = BlockwiseCodec(bits=4, block=256, mantissa=1, packing="pairs")
 """The second int4 format (2026-12-05 to 2026-12-06): today's maps and blocks, neighbouring
 codes in a byte (``{key}_codes``). Read from checkpoints only, and repacked without loss."""
+
+READABLE = (_FIXED["int8"], _FIXED["int4"], PAIRED_INT4, LEGACY_INT4)
+"""Every block-wise format a saved state may hold. Each is told apart by its codes' key and
+the bytes of codes per block scale (``block * bits / 8``): int8 256, int4 128 under
+``{key}_int4_codes``, the second int4 128 and the first 64 under ``{key}_codes``."""
+
+BLOCK_SUFFIXES = tuple(dict.fromkeys(name for c in READABLE for name in c.state_keys("")))
+"""The suffixes of the state keys of block-wise moments (``_codes``, ``_absmax``, ...)."""
 
 Codec = FloatCodec | BlockwiseCodec
 
@@ -83,30 +91,25 @@ def select_codec(
 def stored_names(key: str) -> tuple[str, ...]:
     """Every state key under which any format keeps moment ``key`` (float, codes of each
     layout, scales): what to clear before the moment is stored anew."""
-    return (key, f"{key}_codes", f"{key}_int4_codes", f"{key}_absmax")
+    return (key, *(key + suffix for suffix in BLOCK_SUFFIXES))
 
 
 def infer_codec(state: dict, key: str) -> Codec | None:
     """The codec a saved state was written with (None if ``key`` is absent)."""
-    for name, by_ratio, empty in (
-        ("int4_codes", {128: _FIXED["int4"]}, _FIXED["int4"]),
-        # bytes of codes per block scale: int8 256 (block 256), int4 128 (block 256, two
-        # codes a byte), the first int4 64 (block 128)
-        ("codes", {256: _FIXED["int8"], 128: PAIRED_INT4, 64: LEGACY_INT4}, PAIRED_INT4),
-    ):
-        if f"{key}_{name}" not in state:
-            continue
-        scales = state[f"{key}_absmax"].numel()
+    present = [c for c in READABLE if c.state_keys(key)[0] in state]
+    if present:
+        codes_key, absmax_key = present[0].state_keys(key)
+        scales = state[absmax_key].numel()
         if scales == 0:  # an empty tensor: no block, nothing to decode either way
-            return empty
-        ratio = state[f"{key}_{name}"].numel() // scales
-        if ratio not in by_ratio:
-            known = ", ".join(f"{r}: {c.name} block {c.block}" for r, c in by_ratio.items())
-            raise ValueError(
-                f"{key}_{name}: {ratio} bytes of codes per block scale match no adamkit format "
-                f"({known})"
-            )
-        return by_ratio[ratio]
+            return present[0]
+        ratio = state[codes_key].numel() // scales
+        for codec in present:
+            if ratio == codec.block * codec.bits // 8:
+                return codec
+        known = ", ".join(f"{c.block * c.bits // 8}: {c.name} block {c.block}" for c in present)
+        raise ValueError(
+            f"{codes_key}: {ratio} bytes of codes per block scale match no adamkit format ({known})"
+        )
     if key in state:
         return FloatCodec(state[key].dtype)
     return None
