@@ -535,3 +535,20 @@ def test_int32_to_uint8_compiles_to_a_vector_conversion_with_the_same_bytes(n) -
     assert "at::vec::cast<uint8_t>(at::vec::convert<int8_t>(" in source
     assert "at::vec::convert<uint8_t>(" not in source
     assert torch.equal(got, f(x))
+
+
+def test_serial_and_parallel_cpu_code_are_cached_apart() -> None:
+    # inductor writes CPU kernels without parallel loops in a one-thread process, and its
+    # cache keys did not say so: the marker pass's uuid must, or a two-thread process gets
+    # the serial code of an earlier one-thread compile from the on-disk cache
+    threads = torch.get_num_threads()
+    cpu = torch.device("cpu")
+    try:
+        torch.set_num_threads(1)
+        serial = kernels._codegen_marker(cpu).uuid()
+        torch.set_num_threads(2)
+        parallel = kernels._codegen_marker(cpu).uuid()
+    finally:
+        torch.set_num_threads(threads)
+    assert serial != parallel
+    assert kernels.CODEGEN_PATCHES in serial and kernels.CODEGEN_PATCHES in parallel

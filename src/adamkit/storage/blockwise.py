@@ -74,7 +74,11 @@ def pack4(codes: Tensor, packing: str) -> Tensor:
 def unpack4(packed: Tensor, packing: str) -> Tensor:
     """The codes of :func:`pack4`, along the last dimension (one block's bytes)."""
     if packing == "halves":
-        return torch.cat([packed & 15, packed >> 4], dim=-1)
+        # [..., 2, half] by a broadcast shift, flattened: a compiled kernel indexes the
+        # packed bytes directly (a torch.cat became a copy into a buffer of its own on CPU:
+        # measured 15.6 -> 13.4 ms an int4 slot, one thread, docs/benchmarks.md session 10)
+        shifts = torch.arange(2, dtype=torch.uint8, device=packed.device).view(2, 1) * 4
+        return ((packed.unsqueeze(-2) >> shifts) & 15).flatten(-2)
     return torch.stack([packed & 15, packed >> 4], dim=-1).flatten(-2)
 
 
@@ -149,8 +153,24 @@ def quantize(
     else:
         codes, absmax = _power_codes(rows, u, bits, signed, power)
     if bits == 4:
-        codes = pack4(codes, packing)
+        codes = pack4(_materialized(codes), packing)
     return (codes if x.dim() == 2 else codes.reshape(-1)), absmax
+
+
+def _materialized(codes: Tensor) -> Tensor:
+    """``codes`` as they are; inside torch.compile, kept in a buffer of their own.
+
+    A byte of 4-bit codes needs the codes of two elements. Computed where the byte is
+    written, each code would repeat its element's update (the step would compute the new
+    moments three times: for the scales, the param and the bytes). Stored first as one byte
+    per element, in the loop that writes the param, the bytes are a cheap second pass over
+    them (measured 14.1 -> 12.9 ms an int4 slot, one thread, docs/benchmarks.md session 10).
+    """
+    if not torch.compiler.is_compiling():
+        return codes
+    from torch._inductor import inductor_prims  # noqa: F401 (registers the prim)
+
+    return torch.ops.prims.inductor_force_stride_order(codes, codes.stride())
 
 
 def _check_map(power: float | None, mantissa: int | None) -> None:
