@@ -336,11 +336,20 @@ def test_weighted_percentiles_equal_the_sorted_reference() -> None:
     """The bracketing percentiles equal nearest-rank percentiles over every entry sorted."""
     rng = np.random.default_rng(0)
     q = (0, 5, 50, 95, 100)
-    for trial in range(300):
-        T, K = int(rng.integers(1, 40)), int(rng.choice([8, 100, 512]))
+    for trial in range(400):
+        T, K = int(rng.integers(1, 40)), int(rng.choice([1, 8, 100, 512]))
         eff = rng.lognormal(size=(T, K)) * 1e-3
         if trial % 3 == 0:
             eff = np.round(eff, 4)  # ties
+        if trial % 5 == 1:  # distinct float64 values that round to one float32
+            eff = 1e-3 * (
+                1 + rng.integers(0, 5, (T, K)) * 1e-12 + rng.integers(0, 3, (T, K)) * 1e-6
+            )
+        if trial % 5 == 2:  # signs, zeros of both signs, extremes
+            eff = rng.normal(size=(T, K))
+            eff[rng.random((T, K)) < 0.2] = 0.0
+            eff[rng.random((T, K)) < 0.1] = -0.0
+            eff[rng.random((T, K)) < 0.05] = rng.choice([np.inf, -np.inf, 1e300, 1e-300, -1e-300])
         if trial % 7 == 0:
             eff[:] = 1.0
         eff[rng.random((T, K)) < rng.choice([0.0, 0.1, 0.9])] = np.nan

@@ -587,13 +587,14 @@ class Monitor:
         )
         fused = np.flatnonzero([r.exact is not None for r in rows])
         sampled = None if not len(fused) else np.flatnonzero([r.exact is None for r in rows])
-        sums = S.batch_sums(batch, sampled)
+        root = S.sample_roots(batch)
+        sums = S.batch_sums(batch, sampled, root)
         sums["grad_sq"], sums["m_sq"], sums["v_sq"] = norms.T.copy()
         sums["lag_grad_sq"] = np.where(updated, norms[:, 0], 0.0)
         S.use_exact_rows(sums, fused, exact[fused], updated[fused])
         if no_p0.any():  # sampled after the step only: the change of the param is unknown
             sums["param_sq"][no_p0] = sums["delta_sq"][no_p0] = np.nan
-        eff, weight = S.effective_lrs(batch)
+        eff, weight = S.effective_lrs(batch, root)
         eff.sort(axis=1)  # NaN last; sorted rows make the scopes' percentiles cheap
         quantiles = S.row_percentiles(eff, presorted=True)
         tensors: dict[str, dict[str, Any]] = {}
@@ -645,7 +646,7 @@ class Monitor:
                 out["opt_step"] = int(steps_after[inside & has_state].max())
             out.update(_norms(one, stateful, out["tensors"]))
             out.update((key, values[j]) for key, values in scope_signals.items())
-            qs = S.weighted_percentiles(eff, weight, inside, presorted=True)
+            qs = S.weighted_percentiles(eff, weight, inside)
             out.update({f"eff_lr_p{q}": x for q, x in zip(S.PERCENTILES, qs)})
             out.update(zip(_NONFINITE_KEYS, scope_nonfinite[j]))
             scopes.append(out)
@@ -679,17 +680,23 @@ class Monitor:
         """
         fused = np.array([row.exact is not None for row in rows], dtype=bool)
         finite = np.isfinite(norms).all(axis=1)
-        columns = [getattr(S.COLUMNS, key) for key in S.FINITE_SUMS]
-        finite[fused] &= np.isfinite(exact[fused][:, columns]).all(axis=1)
+        if fused.any():
+            columns = [getattr(S.COLUMNS, key) for key in S.FINITE_SUMS]
+            finite[fused] &= np.isfinite(exact[fused][:, columns]).all(axis=1)
         measured = np.flatnonzero(~fused)
         # a sum is finite exactly when its terms are (or when finite terms overflow: then the
         # count below finds nothing)
         with np.errstate(over="ignore", invalid="ignore"):
-            finite[measured] &= np.isfinite(samples[measured].sum(axis=(1, 2)))
+            if len(measured) == len(rows):  # one sum of everything first: no copy
+                if not np.isfinite(samples.sum()):
+                    finite &= np.isfinite(samples.sum(axis=(1, 2)))
+            else:
+                finite[measured] &= np.isfinite(samples[measured].sum(axis=(1, 2)))
         local = [
             i for i in measured.tolist() if rows[i].entry.shards and rows[i].sampler.shards is None
         ]
-        finite[local] = False
+        if local:
+            finite[local] = False
         out = np.zeros((len(rows), len(_NONFINITE_KEYS)), dtype=np.int64)
         counts: dict[int, Tensor] = {}
         for i in np.flatnonzero(~finite).tolist():

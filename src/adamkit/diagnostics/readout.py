@@ -157,12 +157,13 @@ class Transfer:
         self._sizes: dict[tuple, int] = {}
         self._host: dict[tuple, np.ndarray] = {}
 
-    def add(self, t: Tensor | list[Tensor]) -> tuple[tuple, int, int]:
+    def add(self, t: Tensor | list[Tensor], n: int | None = None) -> tuple[tuple, int, int]:
         """Queue ``t`` (any shape; a list: 1-d tensors of one device and dtype, end to end);
-        returns the handle of its values."""
+        returns the handle of its values. ``n``: their number of entries, when known."""
         parts = t if isinstance(t, list) else [t.reshape(-1)]
         key = (parts[0].device, parts[0].dtype)
-        n = sum(x.numel() for x in parts)
+        if n is None:
+            n = sum(x.numel() for x in parts)
         offset = self._sizes.get(key, 0)
         self._parts.setdefault(key, []).extend(parts)
         self._sizes[key] = offset + n
@@ -254,20 +255,17 @@ class StepCounts:
     def __init__(self, values: list[Any]) -> None:
         host = [0.0] * len(values)
         by_device: dict[torch.device, tuple[list[int], list[Tensor]]] = {}
-        on_cpu: tuple[list[int], list[Tensor]] = ([], [])  # read with one stack
         for i, x in enumerate(values):
             if x is None:
                 continue
             if isinstance(x, Tensor):
-                idx, ts = (
-                    on_cpu if x.device.type == "cpu" else by_device.setdefault(x.device, ([], []))
-                )
+                if x.is_cpu:  # torch keeps the count in a CPU scalar: ~0.1 us to read
+                    host[i] = float(x.item())
+                    continue
+                idx, ts = by_device.setdefault(x.device, ([], []))
                 idx.append(i)
                 ts.append(x.reshape(()))
             else:
-                host[i] = float(x)
-        if on_cpu[0]:
-            for i, x in zip(on_cpu[0], torch.stack(on_cpu[1]).tolist()):
                 host[i] = float(x)
         self.host = np.array(host, dtype=np.float64)
         self._stacked = [(np.asarray(idx), torch.stack(ts)) for idx, ts in by_device.values()]

@@ -161,7 +161,7 @@ def percentiles(
     if values.size == 0:
         return [math.nan] * len(q)
     frac = np.asarray(q, dtype=np.float64) / 100.0
-    # stable: a merge sort, fast on the sorted runs of weighted_percentiles
+    # stable: equal values in their order, which weighted_percentiles reproduces
     if weights is None:
         ordered = np.sort(values, kind="stable")
         cum = np.arange(1, values.size + 1, dtype=np.float64)
@@ -360,12 +360,23 @@ def _counted(k: np.ndarray, updated: np.ndarray, K: int) -> np.ndarray | None:
     return (np.arange(K)[None, :] < k[:, None]) & updated[:, None]
 
 
-def batch_sums(b: SampleBatch, rows: np.ndarray | None = None) -> dict[str, np.ndarray]:
+def sample_roots(b: SampleBatch) -> np.ndarray:
+    """sqrt(v_hat) of every sampled v ([T, K]), for :func:`batch_sums` and
+    :func:`effective_lrs` to share."""
+    v = b.samples[:, SAMPLE_ROWS.index("v"), :]
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        return rule.corrected_root(v, (1 - b.beta2**b.step)[:, None])
+
+
+def batch_sums(
+    b: SampleBatch, rows: np.ndarray | None = None, root: np.ndarray | None = None
+) -> dict[str, np.ndarray]:
     """Per-tensor sums (each an array of length T; sampled sums scaled by n / k).
 
     Only the tensors ``rows`` (default: all) are summed from their samples; the sampled sums
     of the others are left at 0, for exact ones (:func:`use_exact_rows`) to replace. The
     exact ``grad_sq``, ``m_sq``, ``v_sq`` and ``lag_grad_sq`` are left at 0 for the caller.
+    ``root``: :func:`sample_roots` of ``b``, when the caller has it.
     """
     T = len(b.k)
     sums = {key: np.zeros(T) for key in ADDITIVE}
@@ -388,7 +399,7 @@ def batch_sums(b: SampleBatch, rows: np.ndarray | None = None) -> dict[str, np.n
             c[:, None] for c in bias_corrections(b.step[rows], b.beta1[rows], b.beta2[rows])
         )
         eps = b.eps[rows][:, None]
-        root = rule.corrected_root(v, bc2)
+        root = rule.corrected_root(v, bc2) if root is None else root[rows]
         u = rule.normalized_update(m, v, bc1, bc2, eps, root)
         delta = p1 - p0
         active = root > 0 if upd is None else upd & (root > 0)
@@ -406,28 +417,28 @@ def batch_sums(b: SampleBatch, rows: np.ndarray | None = None) -> dict[str, np.n
             ("delta_sq", squares(delta)),
             ("update_sq", squares(u)),
             ("v_hat_sum", total(v / bc2)),
-            ("active", w * active.sum(axis=1)),
-            ("eps_count", w * (active & (root < eps)).sum(axis=1)),
-            ("large", w * (active & (np.abs(u) > LARGE_UPDATE)).sum(axis=1)),
+            ("active", w * np.count_nonzero(active, axis=1)),
+            ("eps_count", w * np.count_nonzero(active & (root < eps), axis=1)),
+            ("large", w * np.count_nonzero(active & (np.abs(u) > LARGE_UPDATE), axis=1)),
         ):
             sums[key][rows] = value
     return sums
 
 
-def effective_lrs(b: SampleBatch) -> tuple[np.ndarray, np.ndarray]:
+def effective_lrs(b: SampleBatch, root: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The effective lr lr / (sqrt(v_hat) + eps) of every sampled entry ([T, K], NaN where the
     entry is not an active entry of an updated tensor) and the weight n / k of each tensor's
-    entries."""
+    entries. ``root``: :func:`sample_roots` of ``b``, when the caller has it."""
     K = b.samples.shape[2]
-    v = b.samples[:, SAMPLE_ROWS.index("v"), :]
+    if root is None:
+        root = sample_roots(b)
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        bc2 = (1 - b.beta2**b.step)[:, None]
-        root = rule.corrected_root(v, bc2)
         keep = root > 0
         counted = _counted(b.k, b.updated, K)
         if counted is not None:
             keep &= counted
-        eff = np.where(keep, b.lr[:, None] / (root + b.eps[:, None]), np.nan)
+        eff = b.lr[:, None] / (root + b.eps[:, None])
+        eff[~keep] = np.nan
     return eff, b.numel / np.maximum(b.k, 1)
 
 
@@ -468,82 +479,61 @@ def row_percentiles(
     NaN for a row without any). ``presorted``: each row is sorted already, NaN last."""
     ordered = eff if presorted else np.sort(eff, axis=1)  # NaN last
     count = np.count_nonzero(~np.isnan(eff), axis=1)
-    out = np.full((eff.shape[0], len(q)), np.nan)
-    for j, frac in enumerate(np.asarray(q, dtype=np.float64) / 100.0):
-        idx = np.clip(np.ceil(frac * count - 1e-9).astype(int) - 1, 0, None)
-        has = count > 0
-        out[has, j] = ordered[has, idx[has]]
+    frac = np.asarray(q, dtype=np.float64) / 100.0
+    idx = np.clip(np.ceil(frac[None, :] * count[:, None] - 1e-9).astype(np.intp) - 1, 0, None)
+    if eff.shape[1] == 0:
+        return np.full((eff.shape[0], len(q)), np.nan)
+    out = np.take_along_axis(ordered, idx, axis=1)  # a row without entries: NaN already
+    out[count == 0] = np.nan
     return out
 
 
 def weighted_percentiles(
-    eff: np.ndarray,
-    w: np.ndarray,
-    rows: np.ndarray,
-    q: Sequence[float] = PERCENTILES,
-    *,
-    presorted: bool = False,
+    eff: np.ndarray, w: np.ndarray, rows: np.ndarray, q: Sequence[float] = PERCENTILES
 ) -> list[float | None]:
     """Nearest-rank percentiles over the non-NaN entries of ``eff[rows]``, entry (i, j)
-    standing for ``w[i]`` entries of its tensor (:func:`percentiles` of all of them, which it
-    equals, without sorting them all). ``presorted``: each row is sorted already, NaN last.
+    standing for ``w[i]`` entries of its tensor: :func:`percentiles` of all of them, equal to
+    it bit for bit, without its stable argsort (1.3 ms for 23k entries; this: ~0.2 ms).
 
-    Each row's every ``s``-th entry, standing for ``s`` entries, gives a coarse cumulative
-    weight, within ``sum((s - 1) * w)`` of the exact one; it brackets each percentile between
-    two values ``lo < x <= hi`` whose exact cumulative weights (one comparison pass) straddle
-    the target; only the entries in between are sorted. A bracket that does not hold (it
-    always should) falls back to sorting everything.
+    The entries are put in the reference's order (by value, ties by position) with a plain
+    sort of 64-bit keys, which NumPy vectorises: the value rounded to float32 (its bits made
+    order-preserving) above the entry's position. Values that round to one float32 stay in
+    position order; where that breaks the order of their float64 values, that run alone is
+    sorted again. The weights are then summed in the reference's order, so the cumulative
+    weights, and hence the percentiles, are the reference's own.
     """
-    sub = eff[rows] if presorted else np.sort(eff[rows], axis=1)
-    weight = np.asarray(w, dtype=np.float64)[rows]
-    counts = np.count_nonzero(~np.isnan(sub), axis=1)
-    n = int(counts.sum())
+    sub = eff[rows]
+    valid = ~np.isnan(sub)
+    where = np.flatnonzero(valid)
+    n = where.size
     if n == 0:
         return [None] * len(q)
-
-    def reference() -> list[float | None]:
-        keep = ~np.isnan(sub)
-        weights = np.broadcast_to(weight[:, None], sub.shape)[keep]
-        uniform = np.all(weights == weights[0])
-        return percentiles(sub[keep], q, None if uniform else weights)
-
-    step = 8
-    if n <= 4096:
-        return reference()
-    coarse = sub[:, ::step]
-    valid = ~np.isnan(coarse)
-    z = coarse[valid]
-    order = np.argsort(z, kind="stable")
-    z = z[order]
-    zcum = np.cumsum(np.broadcast_to(step * weight[:, None], coarse.shape)[valid][order])
-    total = float((weight * counts).sum())
-    slack = float(((step - 1) * weight).sum())
-    targets = np.asarray(q, dtype=np.float64) / 100.0 * total * (1 - 1e-12)
-    first = np.minimum(np.searchsorted(zcum, targets, side="left"), z.size - 1)
-    below = np.searchsorted(z, z[first], side="left") - 1  # the last value < z[first]
-    lo = np.where(below >= 0, z[np.maximum(below, 0)], -np.inf)
-    above = np.searchsorted(zcum, targets + slack, side="left")
-    hi = np.where(above < z.size, z[np.minimum(above, z.size - 1)], np.inf)
-    # exact cumulative weights at the bracket ends: sum_i w_i #{entries of row i <= x}
-    # rows are sorted: the entries of row i that are <= x are its first c_i(x)
-    ends = np.concatenate([lo, hi])
-    c_lo, c_hi = np.split(np.count_nonzero(sub[None] <= ends[:, None, None], axis=2), 2)
-    at_lo, at_hi = c_lo @ weight, c_hi @ weight  # exact cumulative weights at the ends
-    if not ((at_lo < targets).all() and (at_hi >= targets).all()):
-        return reference()
-    K = sub.shape[1]
-    out: list[float | None] = []
-    for target, base, first_i, end_i in zip(targets, at_lo, c_lo, c_hi):
-        lengths = end_i - first_i  # row i's entries in (lo, hi]: first_i[i] .. end_i[i] - 1
-        starts = np.arange(len(lengths)) * K + first_i
-        offsets = np.cumsum(lengths) - lengths
-        flat = np.repeat(starts - offsets, lengths) + np.arange(lengths.sum())
-        values = sub.reshape(-1)[flat]
-        order = np.argsort(values, kind="stable")
-        cum = base + np.cumsum(np.repeat(weight, lengths)[order])
-        i = int(np.searchsorted(cum, target, side="left"))
-        out.append(float(values[order[min(i, values.size - 1)]]))
-    return out
+    values = sub.reshape(-1)[where]
+    with np.errstate(over="ignore"):
+        bits = (values + 0.0).astype(np.float32).view(np.uint32)  # -0.0 -> +0.0
+    if (bits >> 31).any():  # negative values: order-preserving bits
+        bits = np.where(bits >> 31, ~bits, bits | np.uint32(1 << 31))
+    keys = bits.astype(np.uint64)  # in place: no temporary arrays
+    keys <<= np.uint64(32)
+    keys |= np.arange(n, dtype=np.uint64)
+    keys.sort()
+    order = (keys & np.uint64(0xFFFFFFFF)).astype(np.intp)
+    ordered = values[order]
+    for d in np.flatnonzero(ordered[1:] < ordered[:-1]):
+        if not ordered[d + 1] < ordered[d]:
+            continue  # its run was sorted again already
+        high = int(keys[d]) >> 32  # the run of one float32 value, in position order
+        lo = int(np.searchsorted(keys, np.uint64(high << 32), side="left"))
+        hi = int(np.searchsorted(keys, np.uint64((high + 1) << 32), side="left"))
+        run = order[lo:hi]
+        order[lo:hi] = run[np.argsort(values[run], kind="stable")]
+        ordered[lo:hi] = values[order[lo:hi]]
+    weight = np.repeat(np.asarray(w, dtype=np.float64)[rows], valid.sum(axis=1))
+    cum = weight[order]
+    np.cumsum(cum, out=cum)
+    frac = np.asarray(q, dtype=np.float64) / 100.0
+    idx = np.searchsorted(cum, frac * cum[-1] * (1 - 1e-12), side="left")
+    return [float(ordered[min(i, n - 1)]) for i in idx]
 
 
 def tensor_signals(

@@ -156,13 +156,13 @@ class SteadyReads:
                 given = fused.get(p)
                 if given is None or given.numel() != len(S.NORM_SUMS):
                     return None
-                norms.append(given.reshape(-1))
+                norms.append(given if given.dim() == 1 else given.reshape(-1))
             row.grad = grad
             row.step_after = st.get("step")
             steps.append(row.step_after)
         transfer = Transfer()
         handles = [(transfer.add(cat), dest) for (_, cat), dest in zip(snap.p0, self.p0_dest)]
-        handles += [(transfer.add(views), dest) for views, dest in self.groups]
+        handles += [(transfer.add(views, len(dest)), dest) for views, dest in self.groups]
         if self.given:
             norm = torch.stack(norms).to(self.dtype)
         else:
