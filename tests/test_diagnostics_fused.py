@@ -387,3 +387,51 @@ def test_a_sampled_step_that_raises_is_sampled_again() -> None:
     assert rec["tensors"]["0.weight"]["log10_update_to_weight"] == pytest.approx(
         want["log10_update_to_weight"], rel=2e-6
     )
+
+
+@pytest.mark.parametrize("eps", [1e-8, 0.0])
+def test_batch_sums_count_only_the_sampled_entries_of_moved_tensors(eps) -> None:
+    """Rows shorter than K (zeros past k) and tensors that did not move (whatever they hold,
+    NaN included) add nothing: each sum equals a loop over the first k entries of the moved
+    tensors, scaled by n / k."""
+    rng = np.random.default_rng(3)
+    T, K = 4, 16
+    k = np.array([16, 9, 5, 16])
+    updated = np.array([True, True, True, False])
+    samples = np.zeros((T, len(S.SAMPLE_ROWS), K))
+    for i in range(T):
+        samples[i, :, : k[i]] = rng.normal(size=(4, k[i])) * [[1.0], [1.0], [0.1], [0.0]]
+        samples[i, 3, : k[i]] = rng.random(k[i]) ** 4 * 1e-4  # v >= 0, some ~0
+    if eps:
+        samples[1, 3, 0] = 0.0  # a v of zero: not active, u = m_hat / eps
+    samples[3] = np.nan  # did not move: never read
+    numel, step = np.array([64, 90, 5, 32]), np.array([3.0, 3.0, 3.0, 2.0])
+    b1, b2, lr = 0.9, 0.99, 1e-3
+    batch = S.SampleBatch(
+        samples, k, numel, updated, step, *(np.full(T, x) for x in (b1, b2, eps, lr))
+    )
+    sums = S.batch_sums(batch)
+    eff, _ = S.effective_lrs(batch)
+    for i in range(T):
+        want = dict.fromkeys(("param_sq", "delta_sq", "update_sq", "v_hat_sum"), 0.0)
+        want.update(active=0.0, eps_count=0.0, large=0.0)
+        scale = numel[i] / k[i]
+        for j in range(k[i] if updated[i] else 0):
+            p0, p1, m, v = samples[i, :, j]
+            v_hat = v / (1 - b2 ** step[i])
+            root = math.sqrt(v_hat)
+            u = m / (1 - b1 ** step[i]) / (root + eps)
+            want["update_sq"] += u * u * scale
+            if root > 0:
+                want["active"] += scale
+                want["eps_count"] += scale * (root < eps)
+                want["large"] += scale * (abs(u) > S.LARGE_UPDATE)
+                assert eff[i, j] == pytest.approx(lr / (root + eps), rel=1e-12)
+            else:
+                assert math.isnan(eff[i, j])
+            want["param_sq"] += p0 * p0 * scale
+            want["delta_sq"] += (p1 - p0) ** 2 * scale
+            want["v_hat_sum"] += v_hat * scale
+        for key, value in want.items():
+            assert sums[key][i] == pytest.approx(value, rel=1e-12, abs=1e-300), (i, key)
+        assert np.isnan(eff[i, k[i] :]).all() and (updated[i] or np.isnan(eff[i]).all())

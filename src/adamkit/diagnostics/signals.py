@@ -338,7 +338,8 @@ ADDITIVE = (
 class SampleBatch(NamedTuple):
     """The samples of T tensors and what is known about each (arrays of length T).
 
-    ``samples`` is [T, len(SAMPLE_ROWS), K], row i valid in its first ``k[i]`` entries.
+    ``samples`` is [T, len(SAMPLE_ROWS), K], row i valid in its first ``k[i]`` entries and
+    zero past them (:func:`batch_sums` and :func:`effective_lrs` count on it).
     """
 
     samples: np.ndarray
@@ -389,10 +390,14 @@ def batch_sums(
         rows = slice(None)
     elif not len(rows):
         return sums
-    K = b.samples.shape[2]
     k = b.k[rows]
-    upd = _counted(k, b.updated[rows], K)
-    w = b.numel[rows] / np.maximum(k, 1)
+    updated = b.updated[rows]
+    # entries past k are zeros: they add nothing to a sum (u = 0 / (0 + eps) = 0) nor to a
+    # count (sqrt(v_hat) = 0 is not active), so only the tensors that did not move are masked,
+    # as a whole; with eps = 0 a padded u would be NaN, so entries are masked then
+    eps_zero = not (b.eps[rows] > 0).all()
+    upd = _counted(k, updated, b.samples.shape[2]) if eps_zero else None
+    w = np.where(updated, b.numel[rows] / np.maximum(k, 1), 0.0)
     p0, p1, m, v = (b.samples[rows, i, :] for i in range(len(SAMPLE_ROWS)))
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         bc1, bc2 = (
@@ -405,11 +410,11 @@ def batch_sums(
         active = root > 0 if upd is None else upd & (root > 0)
 
         def total(x: np.ndarray) -> np.ndarray:
-            return w * (x if upd is None else np.where(upd, x, 0.0)).sum(axis=1)
+            return _weighted(w, (x if upd is None else np.where(upd, x, 0.0)).sum(axis=1))
 
         def squares(x: np.ndarray) -> np.ndarray:
             if upd is None:
-                return w * np.einsum("ij,ij->i", x, x)
+                return _weighted(w, np.einsum("ij,ij->i", x, x))
             return total(x * x)
 
         for key, value in (
@@ -425,18 +430,21 @@ def batch_sums(
     return sums
 
 
+def _weighted(w: np.ndarray, row_sums: np.ndarray) -> np.ndarray:
+    """``w * row_sums``, 0 where ``w`` is 0 (a tensor that did not move: whatever it holds)."""
+    return np.where(w != 0, w * row_sums, 0.0)
+
+
 def effective_lrs(b: SampleBatch, root: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The effective lr lr / (sqrt(v_hat) + eps) of every sampled entry ([T, K], NaN where the
     entry is not an active entry of an updated tensor) and the weight n / k of each tensor's
     entries. ``root``: :func:`sample_roots` of ``b``, when the caller has it."""
-    K = b.samples.shape[2]
     if root is None:
         root = sample_roots(b)
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        keep = root > 0
-        counted = _counted(b.k, b.updated, K)
-        if counted is not None:
-            keep &= counted
+        keep = root > 0  # not the zeros past k
+        if not b.updated.all():
+            keep &= b.updated[:, None]
         eff = b.lr[:, None] / (root + b.eps[:, None])
         eff[~keep] = np.nan
     return eff, b.numel / np.maximum(b.k, 1)
