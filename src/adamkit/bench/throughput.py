@@ -344,31 +344,36 @@ def _monitored_adamw(params: list, backend: str):
 
 
 def monitor_overhead(args: argparse.Namespace) -> int:
-    """Print what a Monitor sampling every step / every 10 steps adds to a step, per backend."""
+    """Print what a Monitor sampling every step / every 10 steps adds to a step, per backend,
+    on the default transformer-shaped params; then, compiled, on the same 35 tensors four
+    times wider (67M params): a sampled step's cost is per tensor (a sample of each and a
+    record row), the step's is per parameter."""
     from adamkit.diagnostics.monitor import EXACT_MODES
     from adamkit.diagnostics.overhead import measure, transformer_like_params
 
+    runs = [(backend, exact, {}) for backend in ("eager", "compiled") for exact in EXACT_MODES]
+    runs.append(("compiled", "all", {"width": 1024, "vocab": 16384}))
     rows = {}
-    for backend in ("eager", "compiled"):
-        for exact in EXACT_MODES:  # what a sampled step reads in full: see Monitor(exact=)
-            params = transformer_like_params(device=args.device)
-            result = measure(
-                lambda ps, backend=backend: _monitored_adamw(ps, backend),
-                params,
-                every=(1, 10),
-                steps=20,
-                repeats=args.repeats,
-                monitor_kwargs={"exact": exact},
-            )
-            rows[f"{backend}/exact={exact}"] = result
-            mon = result["monitored"]
-            print(
-                f"monitor overhead, backend={backend}, exact={exact}: "
-                f"{result['params'] / 1e6:.1f}M params in {result['tensors']} tensors, plain "
-                f"step {result['plain_s'] * 1e3:.2f} ms; every step +{mon[1]['overhead']:.1%} "
-                f"(hooks {mon[1]['hook_overhead']:.1%}), every 10 steps "
-                f"+{mon[10]['overhead']:.1%} (hooks {mon[10]['hook_overhead']:.1%})"
-            )
+    for backend, exact, shape in runs:  # exact: what a sampled step reads in full
+        params = transformer_like_params(device=args.device, **shape)
+        result = measure(
+            lambda ps, backend=backend: _monitored_adamw(ps, backend),
+            params,
+            every=(1, 10),
+            steps=20,
+            repeats=args.repeats,
+            monitor_kwargs={"exact": exact},
+        )
+        wide = ", width=1024" if shape else ""
+        rows[f"{backend}/exact={exact}{wide}"] = result
+        mon = result["monitored"]
+        print(
+            f"monitor overhead, backend={backend}, exact={exact}{wide}: "
+            f"{result['params'] / 1e6:.1f}M params in {result['tensors']} tensors, plain "
+            f"step {result['plain_s'] * 1e3:.2f} ms; every step +{mon[1]['overhead']:.1%} "
+            f"(hooks {mon[1]['hook_overhead']:.1%}), every 10 steps "
+            f"+{mon[10]['overhead']:.1%} (hooks {mon[10]['hook_overhead']:.1%})"
+        )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2, default=str)
