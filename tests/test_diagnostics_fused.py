@@ -333,7 +333,7 @@ def test_malformed_fused_rows_are_refused(monkeypatch) -> None:
 
 
 def test_weighted_percentiles_equal_the_sorted_reference() -> None:
-    """The bracketing percentiles equal nearest-rank percentiles over every entry sorted."""
+    """The key-sorted percentiles equal nearest-rank percentiles over every entry sorted."""
     rng = np.random.default_rng(0)
     q = (0, 5, 50, 95, 100)
     for trial in range(400):

@@ -624,7 +624,7 @@ class Monitor:
                 "sample": e.k,
                 "updated": moved,
             }
-            if row.m is not None:
+            if row.has_state:
                 rec["opt_step"] = step
             rec.update(zip(keys, values))
             tensors[e.name] = rec

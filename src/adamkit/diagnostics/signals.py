@@ -365,8 +365,9 @@ def sample_roots(b: SampleBatch) -> np.ndarray:
     """sqrt(v_hat) of every sampled v ([T, K]), for :func:`batch_sums` and
     :func:`effective_lrs` to share."""
     v = b.samples[:, SAMPLE_ROWS.index("v"), :]
+    _, bc2 = bias_corrections(b.step, b.beta1, b.beta2)
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        return rule.corrected_root(v, (1 - b.beta2**b.step)[:, None])
+        return rule.corrected_root(v, bc2[:, None])
 
 
 def batch_sums(
@@ -485,12 +486,12 @@ def row_percentiles(
 ) -> np.ndarray:
     """Nearest-rank percentiles of each row of ``eff`` over its non-NaN entries ([T, len(q)],
     NaN for a row without any). ``presorted``: each row is sorted already, NaN last."""
+    if eff.shape[1] == 0:
+        return np.full((eff.shape[0], len(q)), np.nan)
     ordered = eff if presorted else np.sort(eff, axis=1)  # NaN last
     count = np.count_nonzero(~np.isnan(eff), axis=1)
     frac = np.asarray(q, dtype=np.float64) / 100.0
     idx = np.clip(np.ceil(frac[None, :] * count[:, None] - 1e-9).astype(np.intp) - 1, 0, None)
-    if eff.shape[1] == 0:
-        return np.full((eff.shape[0], len(q)), np.nan)
     out = np.take_along_axis(ordered, idx, axis=1)  # a row without entries: NaN already
     out[count == 0] = np.nan
     return out
