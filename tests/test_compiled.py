@@ -274,6 +274,52 @@ def test_non_contiguous_grads_and_params_are_handled() -> None:
     _assert_close(ours, ref, opt, ref_opt)
 
 
+@pytest.mark.parametrize(
+    ("shape", "offset", "numel", "row"),
+    [((4, 256), 0, 1024, 256), ((512,), 0, 512, 256), ((8, 128), 0, 1024, 256),
+     ((64, 128), 0, None, 128), ((3, 2, 256), 0, 1536, 256)],
+)  # fmt: skip
+def test_a_whole_grad_is_passed_as_the_same_rows_without_the_general_views(
+    shape, offset, numel, row
+) -> None:
+    """A slot that is its whole param takes the grad itself, or one view of it, as its rows:
+    the very memory, shape and strides that the general path (ravel, narrow, view) gives."""
+    from adamkit.execution.compiled import grad_argument
+
+    grad = torch.randn(shape)
+    n = grad.numel()
+    general = grad_argument(grad, offset, numel, row, None)
+    fast = grad_argument(grad, offset, numel, row, (n // row, row))
+    assert general.shape == fast.shape == (n // row, row)
+    assert fast.data_ptr() == general.data_ptr() == grad.data_ptr()
+    assert fast.stride() == general.stride() == (row, 1)
+    assert (fast is grad) == (shape == (n // row, row))  # no view when none is needed
+
+
+def test_whole_block_wise_grads_step_as_the_eager_path_does() -> None:
+    """Params whose slots are whole (4x256: the grad itself; 512 and 8x128: one view) and one
+    whose slot is a part of it (300x7: whole blocks, then a tail) step compiled as the eager
+    path steps them, moments included (a grad passed wrongly, e.g. scaled, moves the params
+    about as far as the eager path, Adam being invariant to the grads' scale, but not m)."""
+    shapes = [(4, 256), (512,), (8, 128), (300, 7)]
+    kwargs = dict(lr=1e-2, weight_decay=0.1, state_dtype="int8", min_quantized_size=0, seed=3)
+    ours, ref, opt, ref_opt = _pair(shapes, **kwargs)
+    for step in range(3):
+        _set_grads(ours, step)
+        for p, q in zip(ours, ref):
+            q.grad = p.grad.clone()
+        opt.step(), ref_opt.step()
+    for p, q in zip(ours, ref):
+        assert relative_error(p, q) <= 2e-5, p.shape
+        for key in ("exp_avg", "exp_avg_sq"):
+            want, have = ref_opt.decoded_state(q)[key], opt.decoded_state(p)[key]
+            assert relative_error(have, want) <= 2e-2, (p.shape, key)  # int8 levels apart
+    plan = opt._executor._plans[0]
+    assert plan.eager == [] and plan.failed == []
+    whole = {s[5] for call in plan.calls for s in call.grad_slots if s[5] is not None}
+    assert whole == {(4, 256), (2, 256)}, whole  # 512 and 8x128: two blocks of 256
+
+
 # Every storage format runs compiled. Sizes: no whole number of blocks (a 52-element tail
 # after 8 int8 blocks, a tensor smaller than one block), whole blocks, and under 4096
 # elements so that one kernel (small chunks) per format is compiled.

@@ -223,13 +223,11 @@ class CompiledExecutor:
         plan.stage_in(grads)
         for k, call in enumerate(calls):
             args = call.args
-            for pos, i, offset, numel, row in call.grad_slots:
+            for pos, i, offset, numel, row, whole in call.grad_slots:
                 g = grads[i]
                 if type(g) is not Tensor:
-                    g = local_grad(plan.params[i], g)  # FSDP2: the local shard
-                g = g if g.dim() == 1 else g.ravel()  # 1-d (a view): see Kernel.arguments
-                g = g if numel is None else g.narrow(0, offset, numel)
-                args[pos] = g.view(-1, row) if row else g  # block-wise: rows of whole blocks
+                    g, whole = local_grad(plan.params[i], g), None  # FSDP2: the local shard
+                args[pos] = grad_argument(g, offset, numel, row, whole)
             try:
                 out = call.kernel.fn(*args)
                 if fused:
@@ -298,6 +296,21 @@ def _kinds(params: list[Tensor], codecs: list, stochastic: bool) -> set[tuple]:
         for p, codec in zip(params, codecs)
         if compiled_eligible(p, codec, stochastic)
     }
+
+
+def grad_argument(
+    grad: Tensor, offset: int, numel: int | None, row: int, whole: tuple[int, int] | None
+) -> Tensor:
+    """What a kernel slot takes of a (contiguous) grad: its ``numel`` elements from
+    ``offset`` (None: all of it), 1-d, or as rows of ``row`` for a block-wise codec or a
+    signals kernel. ``whole``: the shape of those rows when the slot is the whole grad; then
+    the grad itself, when it has that shape, or one view of it: 0.1-0.7 us a tensor against
+    2.4 us for ``ravel``, ``narrow`` and ``view`` (docs/benchmarks.md, session 12)."""
+    if whole is not None:
+        return grad if grad.shape == whole else grad.view(*whole)
+    g = grad if grad.dim() == 1 else grad.ravel()  # 1-d (a view): see Kernel.arguments
+    g = g if numel is None else g.narrow(0, offset, numel)
+    return g.view(-1, row) if row else g  # block-wise: rows of whole blocks
 
 
 def _kernels_ready(kinds: set[tuple], flags: UpdateFlags) -> bool:

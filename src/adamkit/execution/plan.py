@@ -129,13 +129,22 @@ class _Slot:
     staged: tuple[int, int] | None  # (offset, length) of a tail copied through staging
     grad_offset: int = 0  # where the slot's elements start in the (flat) grad
 
+    whole: bool = False  # the slot is the whole param (and so takes the whole grad)
+
+    def whole_grad_shape(self, row: int) -> tuple[int, int] | None:
+        """The shape of the rows of ``row`` the kernel takes the grad in when the slot is the
+        whole grad; None when it is a part of it or taken 1-d (``row`` 0: ``ravel`` is
+        the cheapest view there)."""
+        return (self.numel // row, row) if self.whole and row else None
+
 
 @dataclass
 class _Call:
     kernel: Kernel
     args: list
-    # (position in args, plan index, offset, numel, row length: 0 for 1-d)
-    grad_slots: list[tuple[int, int, int, int | None, int]]
+    # (position in args, plan index, offset, numel, row length: 0 for 1-d, and the shape of
+    # the rows the kernel takes the grad in when the slot is the whole grad, else None)
+    grad_slots: list[tuple[int, int, int, int | None, int, tuple[int, int] | None]]
     members: list[int]  # indices of the params in the plan, slot by slot
     inputs: dict  # the traced function's inputs (to build the signals variant of the call)
     slots: list  # the _Slot of each member
@@ -147,7 +156,14 @@ class _Call:
         args, positions = kernel.arguments(inputs)
         row = block_of(kernel.spec.codec) if row is None else row
         grad_slots = [
-            (pos, chunk[k].index, chunk[k].grad_offset, chunk[k].grad_numel, row)
+            (
+                pos,
+                chunk[k].index,
+                chunk[k].grad_offset,
+                chunk[k].grad_numel,
+                row,
+                chunk[k].whole_grad_shape(row),
+            )
             for pos, k in positions
             if k < len(chunk) and chunk[k].staged is None
         ]
@@ -277,7 +293,7 @@ class GroupPlan:
             if n - cut == 1:  # no slot of one element: sizes 0 and 1 are specialised
                 cut -= SIGNAL_ROW
             if cut == n:
-                return [_Slot(i, param, state, n, base, n, None, None)]
+                return [_Slot(i, param, state, n, base, n, None, None, whole=True)]
             rem = n - cut
             return [
                 _Slot(
@@ -306,7 +322,7 @@ class GroupPlan:
             main = blocks * block
             views = {name: rows(name, t, 0, blocks) for name, t in state.items()}
             flat = param.narrow(0, 0, main).view(blocks, block)
-            slots.append(_Slot(i, flat, views, main, base, main, main, None))
+            slots.append(_Slot(i, flat, views, main, base, main, main, None, whole=not rem))
         if rem:
             last = {name: rows(name, t, blocks, 1) for name, t in state.items()}
             staging = torch.zeros(1, block, dtype=param.dtype, device=param.device)
