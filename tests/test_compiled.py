@@ -297,11 +297,13 @@ def test_a_whole_grad_is_passed_as_the_same_rows_without_the_general_views(
 
 
 def test_whole_block_wise_grads_step_as_the_eager_path_does() -> None:
-    """Params whose slots are whole (4x256: the grad itself; 512 and 8x128: one view) and one
-    whose slot is a part of it (300x7: whole blocks, then a tail) step compiled as the eager
-    path steps them, moments included (a grad passed wrongly, e.g. scaled, moves the params
-    about as far as the eager path, Adam being invariant to the grads' scale, but not m)."""
-    shapes = [(4, 256), (512,), (8, 128), (300, 7)]
+    """Params whose slots are whole (4x256: the grad itself; 512, 8x128 and 64x128: one view)
+    and one whose slot is a part of it (300x7: whole blocks, then a tail) step compiled as the
+    eager path steps them, moments included (a grad passed wrongly, e.g. scaled, moves the
+    params about as far as the eager path, Adam being invariant to the grads' scale, but not
+    m). 64x128 (32 blocks) is stepped by a kernel of the mixed layout, which has no tail mask
+    (only small kernels step tails)."""
+    shapes = [(4, 256), (512,), (8, 128), (300, 7), (64, 128)]
     kwargs = dict(lr=1e-2, weight_decay=0.1, state_dtype="int8", min_quantized_size=0, seed=3)
     ours, ref, opt, ref_opt = _pair(shapes, **kwargs)
     for step in range(3):
@@ -317,7 +319,8 @@ def test_whole_block_wise_grads_step_as_the_eager_path_does() -> None:
     plan = opt._executor._plans[0]
     assert plan.eager == [] and plan.failed == []
     whole = {s[5] for call in plan.calls for s in call.grad_slots if s[5] is not None}
-    assert whole == {(4, 256), (2, 256)}, whole  # 512 and 8x128: two blocks of 256
+    assert whole == {(4, 256), (2, 256), (32, 256)}, whole  # 512 and 8x128: two blocks
+    assert {call.kernel.spec.layout for call in plan.calls} == {"small", "mixed"}
 
 
 # Every storage format runs compiled. Sizes: no whole number of blocks (a 52-element tail

@@ -161,6 +161,10 @@ def _chunk_function(spec: KernelSpec) -> Callable:
     keys = moment_keys(flags)
     signals = spec.signals
     tie = signals and signal_rows(spec)  # float slots arrive as [rows, SIGNAL_ROW]
+    # A param's last, partial block is a slot of one block (under SMALL_NUMEL elements), so
+    # only small chunks hold tails; the other layouts' slots are whole blocks, stepped without
+    # the mask (its compare and two selects per vector: int8 -4% a slot, docs/benchmarks.md)
+    tails = spec.layout == "small"
 
     def step_region(param, grad, state_in, state, s, key, inside):
         """Step one slot; with ``signals`` return its (sum g^2, sum m^2, sum v^2)."""
@@ -218,8 +222,9 @@ def _chunk_function(spec: KernelSpec) -> Callable:
                     # 4.5M-element slot: as rows, inductor stores more intermediates)
                     param, grad = param.view(blocks * block), grad.view(blocks * block)
                     state_in = {name: t.view(-1) for name, t in state_in.items()}
-                index = torch.arange(param.numel(), dtype=torch.int32, device=param.device)
-                inside = index.view(param.shape) < ints[i, 2].to(torch.int32)
+                if tails:
+                    index = torch.arange(param.numel(), dtype=torch.int32, device=param.device)
+                    inside = index.view(param.shape) < ints[i, 2].to(torch.int32)
             s = StepScalars(*scalars[i].unbind(0))
             key = ShardKey(ints[i, 0], ints[i, 1])
             sums.append(step_region(param, grad, state_in, state, s, key, inside))

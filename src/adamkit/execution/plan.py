@@ -371,6 +371,8 @@ class GroupPlan:
             states = [slot.state for slot in chunk]
             grads = [slot.param for slot in chunk]  # stand-ins of the right sizes
             for k, slot in enumerate(chunk):
+                if layout != "small" and slot.valid != slot.numel:  # only small kernels mask
+                    raise AssertionError(f"a {layout} chunk got a slot with padding: {slot}")
                 ints[row + k, 1] = slot.start
                 ints[row + k, 2] = slot.valid
                 if slot.staged is not None:
