@@ -323,6 +323,19 @@ def test_whole_block_wise_grads_step_as_the_eager_path_does() -> None:
     assert {call.kernel.spec.layout for call in plan.calls} == {"small", "mixed"}
 
 
+def test_a_padded_slot_never_reaches_a_kernel_without_the_tail_mask(monkeypatch) -> None:
+    """Only small kernels mask a tail block's padding; were a tail slot (one block, 52 of its
+    256 elements real) ever put in a mixed chunk, building the plan refuses it."""
+    from adamkit.execution import plan as plan_module
+
+    monkeypatch.setattr(plan_module, "SMALL_NUMEL", 200)  # the 256-element tail: not small
+    p = torch.randn(300, 7, requires_grad=True)
+    p.grad = torch.randn(300, 7)
+    opt = adamkit.AdamW([p], lr=1e-2, backend="compiled", state_dtype="int8", min_quantized_size=0)
+    with pytest.raises(AssertionError, match="256 elements of which 52 are the param's"):
+        opt.step()
+
+
 # Every storage format runs compiled. Sizes: no whole number of blocks (a 52-element tail
 # after 8 int8 blocks, a tensor smaller than one block), whole blocks, and under 4096
 # elements so that one kernel (small chunks) per format is compiled.

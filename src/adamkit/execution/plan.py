@@ -362,6 +362,12 @@ class GroupPlan:
         slot_members: list[int] = []
         row = 0
         for chunk, layout in chunks:
+            for slot in chunk:
+                if layout != "small" and slot.valid != slot.numel:  # only small kernels mask
+                    raise AssertionError(
+                        f"a {layout} kernel has no tail mask, but got a slot of {slot.numel} "
+                        f"elements of which {slot.valid} are the param's"
+                    )
             width = widths[layout]
             sr = self.stochastic_param and dtype != torch.float32
             spec = KernelSpec(device.type, dtype, codec, stored, self.flags, width, layout, sr)
@@ -371,8 +377,6 @@ class GroupPlan:
             states = [slot.state for slot in chunk]
             grads = [slot.param for slot in chunk]  # stand-ins of the right sizes
             for k, slot in enumerate(chunk):
-                if layout != "small" and slot.valid != slot.numel:  # only small kernels mask
-                    raise AssertionError(f"a {layout} chunk got a slot with padding: {slot}")
                 ints[row + k, 1] = slot.start
                 ints[row + k, 2] = slot.valid
                 if slot.staged is not None:
