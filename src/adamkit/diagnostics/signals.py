@@ -405,7 +405,7 @@ def batch_sums(
             c[:, None] for c in bias_corrections(b.step[rows], b.beta1[rows], b.beta2[rows])
         )
         eps = b.eps[rows][:, None]
-        root = rule.corrected_root(v, bc2) if root is None else root[rows]
+        root = (sample_roots(b) if root is None else root)[rows]
         u = rule.normalized_update(m, v, bc1, bc2, eps, root)
         delta = p1 - p0
         active = root > 0 if upd is None else upd & (root > 0)
@@ -570,8 +570,9 @@ def tensor_signals(
         np.array([True]),
         *(np.array([x], dtype=np.float64) for x in (step, beta1, beta2, eps, lr)),
     )
-    sums = batch_sums(batch)
-    eff, _ = effective_lrs(batch)
+    root = sample_roots(batch)
+    sums = batch_sums(batch, root=root)
+    eff, _ = effective_lrs(batch, root)
     one = {key: float(value[0]) for key, value in sums.items()}
     one.update(grad_sq=grad_sq, lag_grad_sq=grad_sq, m_sq=m_sq, v_sq=v_sq)
     if exact is not None:

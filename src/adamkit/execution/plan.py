@@ -124,18 +124,17 @@ class _Slot:
     numel: int
     start: int  # index of the slot's first element in the param (random streams)
     valid: int  # elements that are the param's (the rest of a staging block is padding)
-    grad_numel: int | None  # the grad's elements to pass (from grad_offset); None: all (1-d)
+    grad_numel: int | None  # the grad's elements to pass (from grad_offset); None: all of it
     # (for a block-wise codec, passed as rows of ``param.shape[1]``)
     staged: tuple[int, int] | None  # (offset, length) of a tail copied through staging
     grad_offset: int = 0  # where the slot's elements start in the (flat) grad
-
-    whole: bool = False  # the slot is the whole param (and so takes the whole grad)
 
     def whole_grad_shape(self, row: int) -> tuple[int, int] | None:
         """The shape of the rows of ``row`` the kernel takes the grad in when the slot is the
         whole grad; None when it is a part of it or taken 1-d (``row`` 0: ``ravel`` is
         the cheapest view there)."""
-        return (self.numel // row, row) if self.whole and row else None
+        whole = self.grad_numel is None and self.staged is None
+        return (self.numel // row, row) if whole and row else None
 
 
 @dataclass
@@ -293,7 +292,7 @@ class GroupPlan:
             if n - cut == 1:  # no slot of one element: sizes 0 and 1 are specialised
                 cut -= SIGNAL_ROW
             if cut == n:
-                return [_Slot(i, param, state, n, base, n, None, None, whole=True)]
+                return [_Slot(i, param, state, n, base, n, None, None)]
             rem = n - cut
             return [
                 _Slot(
@@ -322,7 +321,8 @@ class GroupPlan:
             main = blocks * block
             views = {name: rows(name, t, 0, blocks) for name, t in state.items()}
             flat = param.narrow(0, 0, main).view(blocks, block)
-            slots.append(_Slot(i, flat, views, main, base, main, main, None, whole=not rem))
+            grad_numel = main if rem else None  # a part of the grad, or all of it
+            slots.append(_Slot(i, flat, views, main, base, main, grad_numel, None))
         if rem:
             last = {name: rows(name, t, blocks, 1) for name, t in state.items()}
             staging = torch.zeros(1, block, dtype=param.dtype, device=param.device)
