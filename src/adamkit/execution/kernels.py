@@ -548,7 +548,8 @@ CODEGEN_PATCHES = (
 :func:`_prefetched_loads`, :func:`_vector_narrowing`, :func:`_hoisted_invariants`).
 Inductor's caches key compiled code on the graph and the config, not on such changes: a
 no-op post-grad pass with this uuid (:func:`_codegen_marker`) puts them in the key, so a
-cache filled before a change is not handed back after it. Change the string whenever the patches change."""
+cache filled before a change is not handed back after it. Change the string whenever the
+patches change."""
 
 
 def _codegen_marker(device: torch.device):

@@ -71,15 +71,21 @@ def pack4(codes: Tensor, packing: str) -> Tensor:
     return pairs[..., 0] | (pairs[..., 1] << 4)
 
 
-def unpack4(packed: Tensor, packing: str) -> Tensor:
-    """The codes of :func:`pack4`, along the last dimension (one block's bytes)."""
+def unpack4(packed: Tensor, packing: str, dtype: torch.dtype = torch.uint8) -> Tensor:
+    """The codes of :func:`pack4`, along the last dimension (one block's bytes), as ``dtype``.
+
+    Decoding asks for int32: the nibbles are then shifted in 32-bit lanes, one vector
+    instruction, where x86 has no shift of bytes and a compiled kernel emulates one with about
+    eight (docs/benchmarks.md, session 13).
+    """
+    wide = packed.to(dtype)
     if packing == "halves":
         # [..., 2, half] by a broadcast shift, flattened: a compiled kernel indexes the
         # packed bytes directly (a torch.cat became a copy into a buffer of its own on CPU:
         # measured 15.6 -> 13.4 ms an int4 slot, one thread, docs/benchmarks.md session 10)
-        shifts = torch.arange(2, dtype=torch.uint8, device=packed.device).view(2, 1) * 4
-        return ((packed.unsqueeze(-2) >> shifts) & 15).flatten(-2)
-    return torch.stack([packed & 15, packed >> 4], dim=-1).flatten(-2)
+        shifts = torch.arange(2, dtype=dtype, device=packed.device).view(2, 1) * 4
+        return ((wide.unsqueeze(-2) >> shifts) & 15).flatten(-2)
+    return torch.stack([wide & 15, wide >> 4], dim=-1).flatten(-2)
 
 
 def _root(x: Tensor, power: float) -> Tensor:
@@ -331,7 +337,7 @@ def dequantize(
     """The flat fp32 tensor of ``n`` elements that ``codes`` and ``absmax`` stand for."""
     _check_map(power, mantissa)
     if bits == 4:
-        codes = unpack4(codes.view(absmax.shape[0], block // 2), packing)
+        codes = unpack4(codes.view(absmax.shape[0], block // 2), packing, torch.int32)
     c = codes.view(absmax.shape[0], block)
     if mantissa is not None:
         x = _float_decode(c, bits, signed, mantissa)
