@@ -7,9 +7,9 @@ C++ compiler cannot lift those loads out of the loop, since the loop stores code
 ``uint8_t`` pointers, which may alias anything. So every 16 elements it loaded about ten
 scalars again, broadcast them to vectors, and recomputed what depends on them only (two
 scalar divisions ``1 / absmax`` among them). :func:`hoist_invariants` moves those lines in
-front of the loop, where the compiler computes them once per row. Measured on one int8 slot of
-4.2M elements, 2 threads: 162 -> 117 instructions per 16 elements in the main loop, 0.52-0.58
--> 0.46-0.49 ms per million params (docs/benchmarks.md, session 13).
+front of the loop, where the compiler computes them once per row. Measured on int8 slots of
+4.2M elements, 2 threads: 162 -> 117 instructions per 16 elements in the main loop, 0.51-0.58
+-> 0.45-0.50 ms per million params (docs/benchmarks.md, session 13).
 
 A line moves only when all of this holds, so that the moved code runs exactly what the first
 iteration ran, on the same values:
