@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 
 from adamkit.diagnostics.signals import norm_sums
+from adamkit.execution.barriers import drop_barriers
 from adamkit.execution.eager import write_param_
 from adamkit.execution.hoisting import hoist_invariants
 from adamkit.execution.multi_tensor import moment_keys
@@ -433,7 +434,7 @@ def _compile(spec: KernelSpec, device: torch.device) -> Kernel:
             _vector_aranges(),
             _prefetched_loads(),
             _vector_narrowing(),
-            _hoisted_invariants(),
+            _rewritten_source(),
         ):
             compiled = inductor_compile(gm, example_inputs, options=options)
         captured["fn"] = compiled
@@ -541,11 +542,11 @@ def _copies_follow_lowp_tiling(lowp: torch.dtype | None):
 
 CODEGEN_PATCHES = (
     "adamkit-codegen: lowp copies tiled (SR too), vector bitcasts x1/x2, aranges, prefetch 1024, "
-    "int32->uint8 through int8, invariants hoisted from row loops"
+    "int32->uint8 through int8, invariants hoisted from row loops, barriers dropped"
 )
 """Names the changes this module makes to inductor's C++ code generation while it compiles
 (:func:`_copies_follow_lowp_tiling`, :func:`_vector_bitcasts`, :func:`_vector_aranges`,
-:func:`_prefetched_loads`, :func:`_vector_narrowing`, :func:`_hoisted_invariants`).
+:func:`_prefetched_loads`, :func:`_vector_narrowing`, :func:`_rewritten_source`).
 Inductor's caches key compiled code on the graph and the config, not on such changes: a
 no-op post-grad pass with this uuid (:func:`_codegen_marker`) puts them in the key, so a
 cache filled before a change is not handed back after it. Change the string whenever the
@@ -705,16 +706,22 @@ def _prefetched_loads():
     return _replaced(_vec_kernel, "_get_vec_load_line", replace)
 
 
-def _hoisted_invariants():
-    """While compiling a kernel: move the loop-invariant lines of its innermost row loops (a
-    block's scale, the step's scalars and what derives from them alone) in front of the loop,
-    :func:`adamkit.execution.hoisting.hoist_invariants`. Same values, computed once a row
-    instead of every 16 elements. Without inductor's method (another torch version) nothing
+def _rewritten_source():
+    """While compiling a kernel: two passes over the C++ source inductor writes.
+
+    - :func:`adamkit.execution.hoisting.hoist_invariants` moves the loop-invariant lines of
+      innermost row loops (a block's scale, the step's scalars and what derives from them
+      alone) in front of the loop: computed once a row instead of every 16 elements;
+    - :func:`adamkit.execution.barriers.drop_barriers` gives ``nowait`` to the worksharing
+      loops that no later loop of the region can race with.
+
+    Same values either way. Without inductor's method (another torch version) nothing
     changes."""
 
     def replace(original):
         def define_kernel(self, src_code, *args, **kwargs):
-            return original(self, hoist_invariants(src_code), *args, **kwargs)
+            source = drop_barriers(hoist_invariants(src_code))
+            return original(self, source, *args, **kwargs)
 
         return define_kernel
 

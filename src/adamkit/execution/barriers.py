@@ -1,0 +1,256 @@
+"""Dropping the barriers between row loops that cannot race (a text pass over inductor's C++).
+
+Inside a kernel's ``#pragma omp parallel`` region, inductor writes each loop as a
+``#pragma omp for``, and every such loop ends in a barrier: all threads wait for the slowest.
+A block-wise kernel steps each tensor in several loops over the same rows (the scale pass, the
+main loop, the packing of 4-bit codes), and a kernel of the 2000-tensor layout runs about a
+hundred of them per call with 32 rows a thread, so the waits add up: giving every loop
+``nowait`` (timing only) took an int4 step on 2000 x 64x256 from 37.6 to 32.3 ms
+(docs/benchmarks.md, session 13).
+
+:func:`drop_barriers` gives a loop ``nowait`` when no thread can reach memory that another
+thread's share of the earlier loops still touches. Loops with the same header (same bounds,
+step 1) and ``schedule(static)`` hand the same rows to the same threads (OpenMP guarantees
+this for static schedules of equal iteration counts in one parallel region), so a later loop
+may start on its rows at once if every buffer that either loop writes and both touch is
+accessed row-locally: at index ``a * x0 + r`` with the same ``a`` for every access, and
+``0 <= r`` and ``r + width <= a`` for every value of the inner loop variables (checked by
+evaluating the index over the inner loops' literal ranges). Anything the pass cannot read
+(another access form, symbolic inner bounds, code between the loops other than plain
+worksharing blocks) keeps its barrier. A source without such loops comes back unchanged.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+
+_PARALLEL = re.compile(r"^\s*#pragma omp parallel\b")
+_OMP_FOR = "#pragma omp for"
+_HEADER = re.compile(
+    r"^for\(int64_t (x\d+)=static_cast<int64_t>\((.*?)\); \1<static_cast<int64_t>\((.*?)\); "
+    r"\1\+=static_cast<int64_t>\((\d+)L\)\)$"
+)
+_INNER = re.compile(
+    r"^\s*for\(int64_t (x\d+)=static_cast<int64_t>\((-?\d+)L\); \1<static_cast<int64_t>"
+    r"\((-?\d+)L\); \1\+=static_cast<int64_t>\((\d+)L\)\)\s*$"
+)
+_POINTER = re.compile(r"\b(?:in_out|in|out)_ptr\d+\b")
+_CAST = "static_cast<int64_t>("
+
+
+def drop_barriers(source: str) -> str:
+    """``source`` with ``nowait`` (and ``schedule(static)``) on the worksharing loops whose
+    barrier no later loop needs (see the module docstring)."""
+    lines = source.split("\n")
+    changed = {}
+    for i, line in enumerate(lines):
+        if _PARALLEL.match(line) and i + 1 < len(lines) and lines[i + 1].strip() == "{":
+            end = _block_end(lines, i + 1)
+            if end is not None:
+                changed.update(_region(lines, i + 2, end))
+    if not changed:
+        return source
+    return "\n".join(changed.get(k, line) for k, line in enumerate(lines))
+
+
+class _Loop:
+    """One worksharing loop: its pragma line, header and accesses by pointer."""
+
+    def __init__(self, pragma: int, header: str, accesses: dict | None):
+        self.pragma = pragma
+        self.header = header
+        self.accesses = accesses  # pointer -> [(writes, row, width)]; None: unreadable
+
+    def writes(self) -> set[str]:
+        return {p for p, acc in self.accesses.items() if any(w for w, _, _ in acc)}
+
+
+def _region(lines: list[str], start: int, end: int) -> dict[int, str]:
+    """New pragma lines for the loops of the parallel region between ``start`` and ``end``."""
+    items: list[_Loop | None] = []  # None: anything but a plain worksharing block
+    k = start
+    while k < end:
+        text = lines[k].strip()
+        if text == "{":
+            close = _block_end(lines, k)
+            if close is None or close > end:
+                return {}
+            items.append(_worksharing(lines, k, close))
+            k = close + 1
+        else:
+            if text and not text.startswith("int tid = omp_get_thread_num();"):
+                items.append(None)
+            k += 1
+    changed: dict[int, str] = {}
+    pending: list[_Loop] = []
+    previous: _Loop | None = None
+    for item in items:
+        if item is None or item.accesses is None:
+            pending, previous = [], None
+            continue
+        if previous is not None and all(_independent(x, item) for x in pending):
+            changed[previous.pragma] = _pragma(lines[previous.pragma], nowait=True)
+            changed.setdefault(item.pragma, _pragma(lines[item.pragma], nowait=False))
+            pending.append(item)
+        else:
+            pending = [item]
+        previous = item
+    return changed
+
+
+def _pragma(line: str, nowait: bool) -> str:
+    indent = line[: len(line) - len(line.lstrip())]
+    return indent + _OMP_FOR + " schedule(static)" + (" nowait" if nowait else "")
+
+
+def _worksharing(lines: list[str], open_line: int, close: int) -> _Loop | None:
+    """The loop of the block ``{ #pragma omp for / for(...) { body } }``, else None."""
+    inner = [k for k in range(open_line + 1, close) if lines[k].strip()]
+    if len(inner) < 3 or lines[inner[0]].strip() != _OMP_FOR:
+        return None
+    header = lines[inner[1]].strip()
+    found = _HEADER.match(header)
+    if found is None or lines[inner[2]].strip() != "{":
+        return None
+    body_close = _block_end(lines, inner[2])
+    if body_close is None or any(k > body_close for k in inner):
+        return None
+    var, _, _, step = found.groups()
+    accesses = _accesses(lines[inner[2] + 1 : body_close], var)
+    if accesses is not None and step != "1":
+        # not a loop over rows (a vector of elements an iteration): reads and writes count,
+        # rows do not
+        accesses = {p: [(w, None, 0) for w, _, _ in acc] for p, acc in accesses.items()}
+    return _Loop(inner[0], header, accesses)
+
+
+def _accesses(body: list[str], var: str) -> dict | None:
+    """Pointer -> [(writes, (a, ok) row-locality, width)] of a loop over rows ``var``."""
+    inner: list[tuple[str, range]] = []
+    width = 1
+    for line in body:
+        found = _INNER.match(line)
+        if found is not None:
+            name, lo, hi, step = found.groups()
+            inner.append((name, range(int(lo), int(hi), int(step))))
+            width = max(width, int(step))
+        elif line.strip().startswith("for"):
+            return None  # an inner loop with symbolic bounds
+    accesses: dict[str, list] = {}
+    for line in body:
+        for found in _POINTER.finditer(line):
+            kind, index = _access(line, found.start(), found.end())
+            if kind is None:
+                return None
+            if kind == "prefetch":
+                continue
+            lanes = width if kind in ("vload", "vstore") else 1
+            row = _row(index, var, inner)
+            writes = kind in ("store", "vstore")
+            accesses.setdefault(found.group(0), []).append((writes, row, lanes))
+    return accesses
+
+
+def _access(line: str, start: int, end: int) -> tuple[str | None, str]:
+    """(kind, index expression) of the pointer named at ``line[start:end]``."""
+    before, after = line[:start], line[end:]
+    if after.startswith("[" + _CAST):
+        # only inductor's two forms: `auto tmpN = ptr[i];` and `ptr[i] = value;` (anything
+        # else, an atomic add or a compound assignment, makes the loop unreadable)
+        index, rest = _argument(after[1 + len(_CAST) :])
+        if re.fullmatch(r"\s*auto tmp\d+ = ", before) and rest == "];":
+            return "load", index
+        if not before.strip() and rest.startswith("] = "):
+            return "store", index
+        return None, ""
+    if after.startswith(" + " + _CAST):
+        index, _ = _argument(after[3 + len(_CAST) :])
+        if before.endswith("__builtin_prefetch("):
+            return "prefetch", index
+        if before.endswith(".store("):
+            return "vstore", index
+        if before.endswith("::loadu("):
+            return "vload", index
+    return None, ""
+
+
+def _argument(text: str) -> tuple[str, str]:
+    """The text up to the parenthesis that closes an opened one, and what follows it."""
+    depth = 1
+    for k, char in enumerate(text):
+        depth += (char == "(") - (char == ")")
+        if depth == 0:
+            return text[:k], text[k + 1 :]
+    return text, ""
+
+
+_INT_LITERAL = re.compile(r"\b(\d+)L\b")
+
+
+def _row(index: str, var: str, inner: list[tuple[str, range]]) -> tuple[int, int] | None:
+    """``(a, largest r)`` when ``index`` is ``a * var + r(inner vars)`` with a fixed ``a > 0``
+    and ``r >= 0`` for every value of the inner variables (the largest r plus the access's
+    width is checked against ``a`` later); None for any other expression."""
+    expr = index.replace(_CAST, "(")
+    expr = _INT_LITERAL.sub(r"\1", expr).replace("c10::div_floor_integer", "_floor_div")
+    names = set(re.findall(r"\b[A-Za-z_]\w*\b", expr)) - {"_floor_div"}
+    if not names <= {var, *(n for n, _ in inner)}:
+        return None  # a size symbol or anything else: not a fixed row
+    try:
+        code = compile(expr, "<index>", "eval")
+    except SyntaxError:
+        return None
+    values = [dict(zip((n for n, _ in inner), combo)) for combo in _combos(inner)]
+    rows = set()
+    low, high = None, None
+    for env in values:
+        at0 = eval(code, {"_floor_div": _floor_div}, {**env, var: 0})  # noqa: S307
+        at1 = eval(code, {"_floor_div": _floor_div}, {**env, var: 1})  # noqa: S307
+        rows.add(at1 - at0)
+        low = at0 if low is None else min(low, at0)
+        high = at0 if high is None else max(high, at0)
+    if len(rows) != 1:
+        return None
+    (a,) = rows
+    return (a, high) if a > 0 and low is not None and low >= 0 else None
+
+
+def _combos(inner: list[tuple[str, range]]):
+    if not inner:
+        return [()]
+    return itertools.product(*(r for _, r in inner))
+
+
+def _floor_div(a: int, b: int) -> int:
+    return a // b
+
+
+def _independent(earlier: _Loop, later: _Loop) -> bool:
+    """Whether ``later`` may start on its rows before other threads finish ``earlier``."""
+    shared = (earlier.writes() | later.writes()) & set(earlier.accesses) & set(later.accesses)
+    if not shared:
+        return True
+    if earlier.header != later.header:
+        return False
+    for pointer in shared:
+        row_sizes = set()
+        for _, row, lanes in earlier.accesses[pointer] + later.accesses[pointer]:
+            if row is None:
+                return False
+            a, high = row
+            if high + lanes > a:
+                return False
+            row_sizes.add(a)
+        if len(row_sizes) != 1:
+            return False
+    return True
+
+
+def _block_end(lines: list[str], open_line: int) -> int | None:
+    depth = 0
+    for k in range(open_line, len(lines)):
+        depth += lines[k].count("{") - lines[k].count("}")
+        if depth == 0:
+            return k
+    return None
