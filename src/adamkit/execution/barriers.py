@@ -25,6 +25,8 @@ from __future__ import annotations
 import itertools
 import re
 
+from adamkit.execution.hoisting import block_end
+
 _PARALLEL = re.compile(r"^\s*#pragma omp parallel\b")
 _OMP_FOR = "#pragma omp for"
 _HEADER = re.compile(
@@ -46,7 +48,7 @@ def drop_barriers(source: str) -> str:
     changed = {}
     for i, line in enumerate(lines):
         if _PARALLEL.match(line) and i + 1 < len(lines) and lines[i + 1].strip() == "{":
-            end = _block_end(lines, i + 1)
+            end = block_end(lines, i + 1)
             if end is not None:
                 changed.update(_region(lines, i + 2, end))
     if not changed:
@@ -73,7 +75,7 @@ def _region(lines: list[str], start: int, end: int) -> dict[int, str]:
     while k < end:
         text = lines[k].strip()
         if text == "{":
-            close = _block_end(lines, k)
+            close = block_end(lines, k)
             if close is None or close > end:
                 return {}
             items.append(_worksharing(lines, k, close))
@@ -113,7 +115,7 @@ def _worksharing(lines: list[str], open_line: int, close: int) -> _Loop | None:
     found = _HEADER.match(header)
     if found is None or lines[inner[2]].strip() != "{":
         return None
-    body_close = _block_end(lines, inner[2])
+    body_close = block_end(lines, inner[2])
     if body_close is None or any(k > body_close for k in inner):
         return None
     var, _, _, step = found.groups()
@@ -245,12 +247,3 @@ def _independent(earlier: _Loop, later: _Loop) -> bool:
         if len(row_sizes) != 1:
             return False
     return True
-
-
-def _block_end(lines: list[str], open_line: int) -> int | None:
-    depth = 0
-    for k in range(open_line, len(lines)):
-        depth += lines[k].count("{") - lines[k].count("}")
-        if depth == 0:
-            return k
-    return None

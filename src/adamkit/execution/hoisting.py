@@ -55,7 +55,7 @@ def hoist_invariants(source: str) -> str:
         indent, var, start, end, step = found.groups()
         if int(end) - int(start) < int(step):
             continue
-        close = _block_end(lines, i + 1)
+        close = block_end(lines, i + 1)
         if close is None:
             continue
         body = range(i + 2, close)
@@ -79,8 +79,8 @@ def hoist_invariants(source: str) -> str:
     return "\n".join(out)
 
 
-def _block_end(lines: list[str], open_line: int) -> int | None:
-    """Index of the line that closes the block opened at ``open_line``."""
+def block_end(lines: list[str], open_line: int) -> int | None:
+    """Index of the line that closes the block opened at ``open_line`` (None: unclosed)."""
     depth = 0
     for k in range(open_line, len(lines)):
         depth += lines[k].count("{") - lines[k].count("}")
