@@ -107,3 +107,29 @@ def test_a_loop_with_an_inner_loop_or_a_lambda_keeps_those_lines():
 def test_a_source_without_row_loops_comes_back_unchanged():
     source = 'extern "C" void kernel(const float* in_ptr0)\n{\n    auto tmp0 = in_ptr0[0];\n}'
     assert hoist_invariants(source) == source
+
+
+def test_sibling_loops_that_reuse_a_name_move_it_once():
+    """Inductor numbers each fused kernel's temporaries from tmp0: two row loops of one block
+    may both define tmp0. Only the first moves it; a second declaration in the same block
+    would not compile."""
+    loop = textwrap.dedent(
+        """\
+        for(int64_t x1=static_cast<int64_t>(0L); x1<static_cast<int64_t>(64L); x1+=static_cast<int64_t>(16L))
+        {
+            auto tmp0 = in_ptr0[static_cast<int64_t>({k}L)];
+            auto tmp1 = at::vec::Vectorized<float>(tmp0);
+            tmp1.store(out_ptr{k} + static_cast<int64_t>(x1));
+        }"""
+    )
+    source = "{\n" + loop.replace("{k}", "1") + "\n" + loop.replace("{k}", "2") + "\n}"
+    out = _lines(hoist_invariants(source))
+    assert out.count("auto tmp0 = in_ptr0[static_cast<int64_t>(1L)];") == 1
+    assert out.index("auto tmp0 = in_ptr0[static_cast<int64_t>(1L)];") < out.index(
+        next(line for line in out if line.startswith("for("))
+    )
+    second = [i for i, line in enumerate(out) if line.startswith("for(")][1]
+    assert "auto tmp0 = in_ptr0[static_cast<int64_t>(2L)];" in out[second:]  # stays inside
+    assert "auto tmp1 = at::vec::Vectorized<float>(tmp0);" in out[second:]
+    declarations = [line.split(" = ")[0] for line in out[:second] if line.startswith("auto ")]
+    assert len(declarations) == len(set(declarations))

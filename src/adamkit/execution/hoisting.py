@@ -48,6 +48,7 @@ def hoist_invariants(source: str) -> str:
     lines = source.split("\n")
     inserts: dict[int, list[str]] = {}
     moved: set[int] = set()
+    declared: dict[int, set[str]] = {}  # names declared in a block (by its opening line)
     for i, line in enumerate(lines):
         found = _FOR.match(line)
         if found is None or i + 1 >= len(lines) or lines[i + 1].strip() != "{":
@@ -61,7 +62,10 @@ def hoist_invariants(source: str) -> str:
         body = range(i + 2, close)
         if any(_ANY_FOR.match(lines[k]) for k in body):
             continue  # not innermost
-        take = _invariant_lines(lines, body, var)
+        scope = _enclosing_block(lines, i)
+        if scope not in declared:
+            declared[scope] = _declared_in(lines, scope)
+        take = _invariant_lines(lines, body, var, declared[scope])
         if not take:
             continue
         at = i
@@ -69,6 +73,9 @@ def hoist_invariants(source: str) -> str:
             at -= 1
         inserts.setdefault(at, []).extend(indent + lines[k].strip() for k in take)
         moved.update(take)
+        # (sibling loops of one block may reuse names: inductor numbers each fused kernel's
+        # temporaries from tmp0, so a name moved here is taken for the rest of the block)
+        declared[scope].update(_DEFINITION.match(lines[k]).group(1) for k in take)
     if not inserts:
         return source
     out: list[str] = []
@@ -89,8 +96,32 @@ def block_end(lines: list[str], open_line: int) -> int | None:
     return None
 
 
-def _invariant_lines(lines: list[str], body: range, var: str) -> list[int]:
-    """Indices of the lines of ``body`` (a loop over ``var``) that may move in front of it."""
+def _enclosing_block(lines: list[str], line: int) -> int:
+    """Index of the ``{`` line that opens the block holding ``line`` (-1: none)."""
+    depth = 0
+    for k in range(line - 1, -1, -1):
+        depth += lines[k].count("}") - lines[k].count("{")
+        if depth < 0:
+            return k
+    return -1
+
+
+def _declared_in(lines: list[str], scope: int) -> set[str]:
+    """``tmp`` names declared directly in the block opened at line ``scope``."""
+    names: set[str] = set()
+    depth = 0
+    for k in range(scope + 1, len(lines)):
+        if depth == 0 and (found := _DEFINITION.match(lines[k])) is not None:
+            names.add(found.group(1))
+        depth += lines[k].count("{") - lines[k].count("}")
+        if depth < 0:
+            break
+    return names
+
+
+def _invariant_lines(lines: list[str], body: range, var: str, taken: set[str]) -> list[int]:
+    """Indices of the lines of ``body`` (a loop over ``var``) that may move in front of it,
+    none declaring a name of ``taken`` (names the enclosing block already declares)."""
     own_var = re.compile(rf"\b{var}(?!\d)")
     assigned = {m.group(1) for k in body if (m := _ASSIGNED.match(lines[k]))}
     mentions: dict[str, int] = {}
@@ -104,7 +135,7 @@ def _invariant_lines(lines: list[str], body: range, var: str) -> list[int]:
         if found is None:
             continue
         name, rhs = found.groups()
-        if own_var.search(rhs) or not _balanced(rhs):
+        if name in taken or own_var.search(rhs) or not _balanced(rhs):
             continue
         load = _SCALAR_LOAD.match(rhs)
         if load is not None:

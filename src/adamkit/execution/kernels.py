@@ -542,7 +542,8 @@ def _copies_follow_lowp_tiling(lowp: torch.dtype | None):
 
 CODEGEN_PATCHES = (
     "adamkit-codegen: lowp copies tiled (SR too), vector bitcasts x1/x2, aranges, prefetch 1024, "
-    "int32->uint8 through int8, invariants hoisted from row loops, barriers dropped"
+    "int32->uint8 through int8, invariants hoisted from row loops (a name once a block), "
+    "barriers dropped"
 )
 """Names the changes this module makes to inductor's C++ code generation while it compiles
 (:func:`_copies_follow_lowp_tiling`, :func:`_vector_bitcasts`, :func:`_vector_aranges`,
