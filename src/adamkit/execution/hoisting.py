@@ -124,10 +124,11 @@ def _invariant_lines(lines: list[str], body: range, var: str, taken: set[str]) -
     none declaring a name of ``taken`` (names the enclosing block already declares)."""
     own_var = re.compile(rf"\b{var}(?!\d)")
     assigned = {m.group(1) for k in body if (m := _ASSIGNED.match(lines[k]))}
-    mentions: dict[str, int] = {}
-    for k in body:
-        for name in _POINTER.findall(lines[k]):
-            mentions[name] = mentions.get(name, 0) + 1
+    # pointers named anywhere but on a line that only loads a scalar from them (stores, vector
+    # loads, anything else): their scalars may change within the loop
+    other_uses = {
+        name for k in body if not _is_scalar_load(lines[k]) for name in _POINTER.findall(lines[k])
+    }
     invariant: set[str] = set()
     take: list[int] = []
     for k in _main_path(lines, body):
@@ -140,7 +141,7 @@ def _invariant_lines(lines: list[str], body: range, var: str, taken: set[str]) -
         load = _SCALAR_LOAD.match(rhs)
         if load is not None:
             pointer, rest = load.groups()
-            if mentions.get(pointer, 0) != _load_lines(lines, body, pointer):
+            if pointer in other_uses:
                 continue  # the loop stores through it (or reads it otherwise)
         elif _POINTER.search(rhs) or "[" in rhs:
             continue
@@ -154,17 +155,10 @@ def _invariant_lines(lines: list[str], body: range, var: str, taken: set[str]) -
     return take
 
 
-def _load_lines(lines: list[str], body: range, pointer: str) -> int:
-    """How many lines of ``body`` only load a scalar from ``pointer``."""
-    count = 0
-    for k in body:
-        found = _DEFINITION.match(lines[k])
-        if found is None:
-            continue
-        load = _SCALAR_LOAD.match(found.group(2))
-        if load is not None and load.group(1) == pointer:
-            count += 1
-    return count
+def _is_scalar_load(line: str) -> bool:
+    """Whether ``line`` is ``auto tmpN = ptr[static_cast<int64_t>(i)];``."""
+    found = _DEFINITION.match(line)
+    return found is not None and _SCALAR_LOAD.match(found.group(2)) is not None
 
 
 def _main_path(lines: list[str], body: range) -> list[int]:
