@@ -479,6 +479,47 @@ def test_signal_kernels_return_the_norms_of_the_step(state_dtype: str, tol: floa
         assert {6912, 88, 3968, 129, 8192} <= set(sizes), sizes
 
 
+def test_merged_sums_loops_change_no_bit(monkeypatch) -> None:
+    """With kernels.MERGE_SUM_LOOPS (adamkit.execution.merging: a signals kernel's per-row sums
+    computed in the loop that writes the row) the sums, the params and the moments are those
+    of the kernels as inductor wrote them, bit for bit, and the pass did merge loops. (A fresh
+    CODEGEN_PATCHES key per run: both variants compile here, none comes from a cache.)"""
+    import uuid
+
+    real = kernels.merge_sum_loops
+    merged = []
+
+    def recording(source, aliases):
+        out = real(source, aliases)
+        merged.append(out != source)
+        return out
+
+    monkeypatch.setattr(kernels, "merge_sum_loops", recording)
+    key = f"{kernels.CODEGEN_PATCHES}; test {uuid.uuid4().hex}"
+    runs = []
+    for merge in (True, False):
+        monkeypatch.setattr(kernels, "MERGE_SUM_LOOPS", merge)
+        monkeypatch.setattr(kernels, "CODEGEN_PATCHES", f"{key} {merge}")
+        kernels.reset_kernels()
+        ps = _model([(70, 100), (4097,)])
+        opt = adamkit.AdamW(ps, lr=1e-2, weight_decay=0.1, backend="compiled")
+        opt.fused_signals = True
+        for step in range(3):
+            _set_grads(ps, step)
+            opt.fused_signals_request = step >= 1
+            opt.step()
+        runs.append((ps, opt))
+    kernels.reset_kernels()
+    assert any(merged)
+    (ps, opt), (ref_ps, ref) = runs
+    assert set(opt.fused_signal_sums) == set(ps)
+    for p, q in zip(ps, ref_ps):
+        assert torch.equal(opt.fused_signal_sums[p], ref.fused_signal_sums[q]), p.shape
+        assert torch.equal(p, q), p.shape
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(opt.state[p][key], ref.state[q][key]), (p.shape, key)
+
+
 def test_signal_kernels_follow_fused_signals() -> None:
     """fused_signals: False never hands sums over (the Monitor measures itself), "auto" does
     once the kernels exist in the process (their compile already paid), True does; anything

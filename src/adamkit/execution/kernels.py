@@ -36,6 +36,7 @@ from adamkit.diagnostics.signals import norm_sums
 from adamkit.execution.barriers import drop_barriers
 from adamkit.execution.eager import write_param_
 from adamkit.execution.hoisting import hoist_invariants
+from adamkit.execution.merging import merge_sum_loops
 from adamkit.execution.multi_tensor import moment_keys
 from adamkit.rule import StepScalars, UpdateFlags, adam_update, step_scalars
 from adamkit.storage.rounding import ShardKey
@@ -543,11 +544,12 @@ def _copies_follow_lowp_tiling(lowp: torch.dtype | None):
 CODEGEN_PATCHES = (
     "adamkit-codegen: lowp copies tiled (SR too), vector bitcasts x1/x2, aranges, prefetch 1024, "
     "int32->uint8 through int8, invariants hoisted from row loops (a name once a block), "
-    "barriers dropped"
+    "barriers dropped, signal sums merged into the update loop"
 )
 """Names the changes this module makes to inductor's C++ code generation while it compiles
 (:func:`_copies_follow_lowp_tiling`, :func:`_vector_bitcasts`, :func:`_vector_aranges`,
-:func:`_prefetched_loads`, :func:`_vector_narrowing`, :func:`_rewritten_source`).
+:func:`_prefetched_loads`, :func:`_vector_narrowing`, :func:`_rewritten_source`; with
+:data:`MERGE_SUM_LOOPS` off the key says so).
 Inductor's caches key compiled code on the graph and the config, not on such changes: a
 no-op post-grad pass with this uuid (:func:`_codegen_marker`) puts them in the key, so a
 cache filled before a change is not handed back after it. Change the string whenever the
@@ -572,7 +574,8 @@ def _codegen_marker(device: torch.device):
     except ImportError:
         return None
     mode = "cpu serial" if device.type == "cpu" and parallel_num_threads() == 1 else "parallel"
-    key = f"{CODEGEN_PATCHES}; {mode}"
+    merged = "" if MERGE_SUM_LOOPS else "; sums not merged"
+    key = f"{CODEGEN_PATCHES}; {mode}{merged}"
 
     class CodegenPatches(CustomGraphPass):
         def __call__(self, graph) -> None:
@@ -708,11 +711,14 @@ def _prefetched_loads():
 
 
 def _rewritten_source():
-    """While compiling a kernel: two passes over the C++ source inductor writes.
+    """While compiling a kernel: three passes over the C++ source inductor writes.
 
     - :func:`adamkit.execution.hoisting.hoist_invariants` moves the loop-invariant lines of
       innermost row loops (a block's scale, the step's scalars and what derives from them
       alone) in front of the loop: computed once a row instead of every 16 elements;
+    - :func:`adamkit.execution.merging.merge_sum_loops` (with :data:`MERGE_SUM_LOOPS`) puts a
+      signals kernel's per-row sums into the loop that writes the row, given which pointer
+      arguments name the same buffer (:func:`_pointer_buffers`);
     - :func:`adamkit.execution.barriers.drop_barriers` gives ``nowait`` to the worksharing
       loops that no later loop of the region can race with.
 
@@ -721,12 +727,38 @@ def _rewritten_source():
 
     def replace(original):
         def define_kernel(self, src_code, *args, **kwargs):
-            source = drop_barriers(hoist_invariants(src_code))
+            source = hoist_invariants(src_code)
+            if MERGE_SUM_LOOPS:
+                kernel_args = args[1] if len(args) > 1 else kwargs.get("kernel_args")
+                source = merge_sum_loops(source, _pointer_buffers(self, kernel_args))
+            source = drop_barriers(source)
             return original(self, source, *args, **kwargs)
 
         return define_kernel
 
     return _replaced(lambda: _inductor_cpp().CppScheduling, "define_kernel", replace)
+
+
+MERGE_SUM_LOOPS = True
+"""Whether :func:`_rewritten_source` merges a signals kernel's sums loops into its update loops
+(:mod:`adamkit.execution.merging`; tests and A/B timings switch it off)."""
+
+
+def _pointer_buffers(scheduling: Any, kernel_args: Any) -> dict[str, str]:
+    """The buffer each pointer argument of the kernel being defined points to, e.g.
+    ``{"in_ptr2": "arg3_1", "out_ptr9": "arg3_1"}`` for a moment read and written in place
+    (empty where inductor's structures are not as expected)."""
+    try:
+        args = scheduling.kernel_group.args if kernel_args is None else kernel_args
+        definitions, call_args, _ = args.cpp_argdefs()
+    except Exception:  # noqa: BLE001 - another inductor: no merging
+        return {}
+    out = {}
+    for definition, buffer in zip(definitions, call_args):
+        name = str(definition).split()[-1] if str(definition).split() else ""
+        if re.fullmatch(r"(?:in_out|in|out)_ptr\d+", name):
+            out[name] = str(buffer)
+    return out
 
 
 def _only_copies(body) -> bool:
