@@ -435,7 +435,8 @@ def test_lean_state_and_stochastic_rounding_run_compiled_and_match_eager(
 @pytest.mark.parametrize(("state_dtype", "tol"), [("float32", 1e-5), ("int8", 2e-2)])
 def test_signal_kernels_return_the_norms_of_the_step(state_dtype: str, tol: float) -> None:
     """On a Monitor's sampled step (``fused_signals_request``) the compiled kernels return
-    :func:`fused_norms` of every param, slots added up: float params of 4096 elements or more
+    :func:`fused_norms` of every param (with p0 and p1 for fp32 params and moments), slots
+    added up: float params of 4096 elements or more
     as rows of SIGNAL_ROW (128) plus a tail slot (70x100: 54 rows + 88; 4097: 31 rows + 129), int8
     as whole blocks plus a tail block (small params only: one compile fewer). By hand from g
     and the stored moments (int8: decoded, so within the quantisation error of the values the
@@ -456,17 +457,19 @@ def test_signal_kernels_return_the_norms_of_the_step(state_dtype: str, tol: floa
         for step in range(2):
             _set_grads(ps, step)
             opt.fused_signals_request = request and step == 1
+            before = [p.detach().clone() for p in ps]
             opt.step()
-        opts.append((ps, opt))
-    (ps, opt), (plain_ps, plain) = opts
+        opts.append((ps, opt, before))
+    (ps, opt, before), (plain_ps, plain, _) = opts
     got = opt.fused_signal_sums
     assert set(got) == set(ps)
-    for p, q in zip(ps, plain_ps):
+    for p, q, p0 in zip(ps, plain_ps, before):
         state = opt.decoded_state(p)
-        want = fused_norms(
-            p.grad.flatten(), state["exp_avg"].flatten(), state["exp_avg_sq"].flatten()
-        )
-        assert got[p].shape == want.shape == (3,)
+        args = [p.grad.flatten(), state["exp_avg"].flatten(), state["exp_avg_sq"].flatten()]
+        if state_dtype == "float32":  # fp32 params, float moments: and sum p0^2, sum dp^2
+            args += [p0.flatten(), p.detach().flatten()]
+        want = fused_norms(*args)
+        assert got[p].shape == want.shape == (len(args),)
         assert torch.allclose(got[p], want, rtol=tol, atol=1e-9), (p.shape, got[p], want)
         assert torch.allclose(p, q, rtol=1e-6, atol=0), p.shape
         other = plain.decoded_state(q)

@@ -321,6 +321,32 @@ def test_a_param_that_loses_its_fused_row_is_reported_without_its_ratio(spy) -> 
     assert monitor.latest()["tensors"]["0.weight"]["log10_update_to_weight"] is not None
 
 
+@pytest.mark.usefixtures("forget_compiled_kernels")
+def test_compiled_fp32_steps_hand_over_the_params_sums(spy) -> None:
+    """adamkit's compiled kernels give fp32 params (float moments) sum p0^2 and sum
+    (p1 - p0)^2 with the three norms (five columns of signals.fused_norms): the Monitor then
+    samples no p (p0 at the first sampled step only, before it knows) and reports each
+    tensor's exact update-to-weight ratio, from the whole tensor rather than a sample."""
+    import adamkit
+
+    net = model()
+    opt = adamkit.AdamW(net.parameters(), lr=LR, eps=EPS, weight_decay=0.1, backend="compiled")
+    opt.fused_signals = True
+    monitor = Monitor(opt, names=net, every=2, alerts=False)
+    snapshots = []
+    opt.register_step_pre_hook(lambda *a: snapshots.append(monitor._snapshot))
+    before = train(net, opt, monitor, 6)
+    assert [s.p0 is not None for s in snapshots if s is not None] == [True, False, False]
+    assert spy["kinds"] == {"p0", "m", "v"} and spy["norms"] == 0
+    assert monitor._replays == 2  # the later sampled steps replay the first one's read
+    rec = monitor.latest()
+    for name, p in net.named_parameters():
+        p0, p1 = before[name].double(), p.detach().double()
+        want = 0.5 * math.log10(float((p1 - p0).square().sum() / p0.square().sum()))
+        assert rec["tensors"][name]["log10_update_to_weight"] == pytest.approx(want, abs=1e-5)
+        assert rec["tensors"][name]["sample"] < p.numel() or p.numel() <= S.SAMPLE
+
+
 def test_malformed_fused_rows_are_refused(monkeypatch) -> None:
     layer = nn.Linear(4, 3)
     opt = FusingAdamW(layer.parameters(), lr=LR)

@@ -30,15 +30,16 @@ Fused signals (for executors that fuse the step): an optimizer whose attribute
 ``supports_fused_signals`` is ``True`` finds ``fused_signals_request = True`` (and
 ``fused_signal_sums = None``) set before a sampled step; it then leaves ``fused_signal_sums``,
 a dict param -> a vector computed inside its kernel, for every param it stepped: either the
-three squared norms of :func:`adamkit.diagnostics.signals.fused_norms` (what adamkit's
-compiled executor gives: the Monitor then reads no gradient or moment in full, and takes the
-rest from its sample as usual), or the vector of
+three or five squared norms of :func:`adamkit.diagnostics.signals.fused_norms` (what
+adamkit's compiled executor gives, five for fp32 params with float moments: the Monitor then
+reads no gradient or moment in full, and takes the rest from its sample as usual, without
+sampling p where it has the five), or the vector of
 :func:`adamkit.diagnostics.signals.fused_sums` (exact sums and counts over the whole tensor).
 For the params with full sums the Monitor takes every signal from the sums but the effective-lr
 percentiles, which come from a sample of v: it reads no gradient or moment in full, samples
-only v, and counts no non-finite entry itself. When every param had sums at the previous
-sampled step, the pre-hook takes no sample of p either; a param then left without sums has no
-update-to-weight ratio in that record (a ``RuntimeWarning`` says so once).
+only v, and counts no non-finite entry itself. When every param had full sums or five norms at
+the previous sampled step, the pre-hook takes no sample of p; a param then left without them
+has no update-to-weight ratio in that record (a ``RuntimeWarning`` says so once).
 """
 
 from __future__ import annotations
@@ -139,7 +140,7 @@ class _Row:
     v: Tensor | None = None  # raw exp_avg_sq
     vmax: Tensor | None = None  # AMSGrad's max_exp_avg_sq, the v the denominator used
     exact: Tensor | None = None  # fused sums from the optimizer
-    norms: Tensor | None = None  # the optimizer's squared norms of g, m and v
+    norms: Tensor | None = None  # the optimizer's squared norms of g, m, v (and p0, dp)
     step_after: Any = None
     # for sharded.gather_samples_: the local sample rows, then the gathered ones
     sample: list[Tensor] | None = None
@@ -149,6 +150,11 @@ class _Row:
     @property
     def has_state(self) -> bool:
         return self.m is not None
+
+    @property
+    def has_delta(self) -> bool:
+        """Whether the optimizer gave sum p0^2 and sum (p1 - p0)^2 (no sample of p needed)."""
+        return self.norms is not None and self.norms.numel() == len(S.NORM_DELTA_SUMS)
 
     @property
     def shards(self) -> tuple[Any, tuple[int, ...]] | None:
@@ -179,6 +185,7 @@ class _Hyper(NamedTuple):
 
 
 _NONFINITE_KEYS = ("grad_nonfinite", "state_nonfinite", "param_nonfinite")
+_NORM_COLUMNS = (len(S.NORM_SUMS), len(S.NORM_DELTA_SUMS))
 EXACT_MODES = ("all", "grad")
 
 
@@ -396,33 +403,34 @@ class Monitor:
         if got is not None:
             self._replays += 1
             rows = steady.rows
-            sampled, norms, steps_before, steps_after = got
+            sampled, norms, delta, steps_before, steps_after = got
             exact = np.full((len(rows), S.N_SUMS), np.nan)
             no_p0 = np.zeros(len(rows), dtype=bool)
-            snap.layout.fused_last = False
+            snap.layout.fused_last = steady.delta
         else:
-            rows, sampled, norms, exact, steps_before, steps_after, no_p0 = self._read(
+            rows, sampled, norms, delta, exact, steps_before, steps_after, no_p0 = self._read(
                 snap, fused, hyper
             )
             self._steady = None
             if self._replay:
                 self._steady = SteadyReads.of(snap.layout, rows, hyper, fused, self.exact)
-        nonfinite = self._nonfinite(rows, norms, sampled, exact)
+        nonfinite = self._nonfinite(rows, norms, delta, sampled, exact)
         return self._assemble(
-            rows, sampled, norms, exact, nonfinite, steps_before, steps_after, hyper, no_p0
+            rows, sampled, norms, delta, exact, nonfinite, steps_before, steps_after, hyper, no_p0
         )
 
     def _read(
         self, snap: _Snapshot, fused: dict[Tensor, Tensor] | None, hyper: list[_Hyper]
-    ) -> tuple[list[_Row], np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, Any]:
+    ) -> tuple[list[_Row], np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, Any, Any]:
         """The general read: queue every tensor's reads, move the numbers to the host at once.
 
         ``fused``: exact sums the optimizer computed inside its step, by param; such a row
         needs only the sample of v (for the effective-lr percentiles). The others need their
         exact norms (one multi-tensor norm per (device, dtype) for the gradients, the first
-        and the second moments) and the samples of p0, p1, m and v. Samples are gathered
-        with one ``torch.cat`` per (device, dtype), and everything reaches the host in one
-        copy per device.
+        and the second moments, unless the optimizer gave them) and the samples of p0, p1, m
+        and v; p0 and p1 not where the optimizer also gave sum p0^2 and sum (p1 - p0)^2
+        (``delta``, [T, 2], NaN elsewhere). Samples are gathered with one ``torch.cat`` per
+        (device, dtype), and everything reaches the host in one copy per device.
         """
         opt = self.optimizer
         layout = snap.layout
@@ -446,13 +454,15 @@ class Monitor:
                     row.vmax = real(vmax)
                 row.step_after = st.get("step") if st else None
                 given = fused.get(p) if fused else None
-                if given is not None and given.numel() == len(S.NORM_SUMS):
+                if given is not None and given.numel() in _NORM_COLUMNS:
                     row.norms = given
                 else:
                     row.exact = given
             row_of[index] = len(rows)
             rows.append(row)
-        layout.fused_last = bool(fused) and all(row.exact is not None for row in rows)
+        layout.fused_last = bool(fused) and all(
+            row.exact is not None or row.has_delta for row in rows
+        )
 
         transfer = Transfer()
         samples = self._queue_samples(snap, rows, row_of)
@@ -469,6 +479,7 @@ class Monitor:
         sampled = np.zeros((T, len(S.SAMPLE_ROWS), max(k.max(initial=1), 1)))
         samples.scatter(transfer, sampled)
         norms = np.zeros((T, 3))  # grad_sq, m_sq, v_sq
+        delta = np.full((T, 2), np.nan)  # param_sq, delta_sq where given
         exact = np.full((T, S.N_SUMS), np.nan)
         c = S.COLUMNS
         estimated = np.zeros(T, dtype=bool)
@@ -477,6 +488,9 @@ class Monitor:
             if fused_rows:
                 exact[idx] = got
                 got = got[:, [getattr(c, key) for key in S.NORM_SUMS]]
+            elif got.shape[1] == len(S.NORM_DELTA_SUMS):
+                delta[idx] = got[:, 3:]
+                got = got[:, :3]
             norms[idx, : got.shape[1]] = got
             if got.shape[1] == 1:
                 estimated[idx] = [rows[i].has_state for i in idx]
@@ -489,17 +503,18 @@ class Monitor:
         no_p0 = np.zeros(T, dtype=bool)
         if snap.p0 is None:  # rows that moved without fused sums have no sample of p0
             has_state = np.array([row.has_state for row in rows], dtype=bool)
-            unfused = np.array([row.exact is None for row in rows], dtype=bool)
+            unfused = np.array([row.exact is None and not row.has_delta for row in rows])
             no_p0 = unfused & has_state & (steps_after != steps_before)
             if no_p0.any():
                 self._warn_unfused([rows[i].entry.name for i in np.flatnonzero(no_p0)])
-        return rows, sampled, norms, exact, steps_before, steps_after, no_p0
+        return rows, sampled, norms, delta, exact, steps_before, steps_after, no_p0
 
     @staticmethod
     def _queue_samples(snap: _Snapshot, rows: list[_Row], row_of: np.ndarray) -> Samples:
         """Queue the sample rows: p0 (from the snapshot), p1, m and v for rows measured from
-        their sample; only v for rows with fused sums. Sharded rows are gathered first, so
-        that every rank holds the full tensor's sample."""
+        their sample (no p0 and p1 where the optimizer gave the param's sums); only v for
+        rows with fused sums. Sharded rows are gathered first, so that every rank holds the
+        full tensor's sample."""
         R = ROW
         samples = Samples()
         layout = snap.layout
@@ -507,7 +522,7 @@ class Monitor:
             for idx, cat in snap.p0:
                 sizes = np.array([layout.entries[i].k for i in idx], dtype=np.int64)
                 samples.add_cat(list(row_of[idx]), R["p0"], cat, sizes)
-            if any(row.exact is None and row.entry.plain for row in rows):
+            if any(row.exact is None and not row.has_delta and row.entry.plain for row in rows):
                 for idx, cat in layout.sample_cats():
                     sizes = np.array([layout.entries[i].k for i in idx], dtype=np.int64)
                     samples.add_cat(list(row_of[idx]), R["p1"], cat, sizes)
@@ -517,11 +532,12 @@ class Monitor:
             e = row.entry
             kinds: list[tuple[int, Tensor]] = []
             if row.exact is None:
-                p0 = snap.p0_other.get(row.index)
-                if p0 is not None:
-                    kinds.append((R["p0"], p0))
-                if row.index in other or snap.p0 is None:
-                    kinds.append((R["p1"], e.view(row.param)))
+                if not row.has_delta:
+                    p0 = snap.p0_other.get(row.index)
+                    if p0 is not None:
+                        kinds.append((R["p0"], p0))
+                    if row.index in other or snap.p0 is None:
+                        kinds.append((R["p1"], e.view(row.param)))
                 if row.has_state:
                     kinds.append((R["m"], e.view(row.m)))
             if row.has_state:
@@ -559,6 +575,7 @@ class Monitor:
         rows: list[_Row],
         samples: np.ndarray,
         norms: np.ndarray,
+        delta: np.ndarray,
         exact: np.ndarray,
         nonfinite: np.ndarray,
         steps_before: np.ndarray,
@@ -592,6 +609,9 @@ class Monitor:
         sums["grad_sq"], sums["m_sq"], sums["v_sq"] = norms.T.copy()
         sums["lag_grad_sq"] = np.where(updated, norms[:, 0], 0.0)
         S.use_exact_rows(sums, fused, exact[fused], updated[fused])
+        given = updated & np.array([r.has_delta for r in rows], dtype=bool)
+        if given.any():  # the optimizer's sums of p0^2 and dp^2 instead of the sample's
+            sums["param_sq"][given], sums["delta_sq"][given] = delta[given].T
         if no_p0.any():  # sampled after the step only: the change of the param is unknown
             sums["param_sq"][no_p0] = sums["delta_sq"][no_p0] = np.nan
         eff, weight = S.effective_lrs(batch, root)
@@ -676,7 +696,11 @@ class Monitor:
 
     @staticmethod
     def _nonfinite(
-        rows: list[_Row], norms: np.ndarray, samples: np.ndarray, exact: np.ndarray
+        rows: list[_Row],
+        norms: np.ndarray,
+        delta: np.ndarray,
+        samples: np.ndarray,
+        exact: np.ndarray,
     ) -> np.ndarray:
         """NaN/inf counts of g, the state and p1 by row ([T, 3]), counted (one more pass)
         only for a row whose sums, norms or sample show a non-finite value.
@@ -687,6 +711,8 @@ class Monitor:
         """
         fused = np.array([row.exact is not None for row in rows], dtype=bool)
         finite = np.isfinite(norms).all(axis=1)
+        given = np.array([row.has_delta for row in rows], dtype=bool)
+        finite[given] &= np.isfinite(delta[given]).all(axis=1)
         if fused.any():
             columns = [getattr(S.COLUMNS, key) for key in S.FINITE_SUMS]
             finite[fused] &= np.isfinite(exact[fused][:, columns]).all(axis=1)
@@ -777,8 +803,9 @@ def _squared_norms(
     rows: list[_Row], transfer: Transfer, moments: bool
 ) -> list[tuple[list[int], tuple, bool]]:
     """Queue, for every row, sum(g^2) (and sum(m^2), sum(v^2) with state, when ``moments``
-    or when the sample cannot stand for them), the three squared norms the optimizer gave,
-    or, when the optimizer fused them all, its exact sums; returns (rows, handle, fused)
+    or when the sample cannot stand for them), the squared norms the optimizer gave (three,
+    or five with sum p0^2 and sum (p1 - p0)^2), or, when the optimizer fused them all, its
+    exact sums; returns (rows, handle, fused)
     by batch, the handle's values being the rows' vectors end to end. A batch of one column
     leaves the moments to the sample.
 
@@ -793,7 +820,7 @@ def _squared_norms(
         fused = row.exact is not None
         given = "given" if row.norms is not None else ""
         full = row.has_state and (moments or not _sample_stands_for_moments(row))
-        n = S.N_SUMS if fused else 3 if full or given else 1
+        n = S.N_SUMS if fused else row.norms.numel() if given else 3 if full else 1
         dtype = row.exact.dtype if fused else compute_dtype(row.grad)
         mesh, dims = row.shards if row.shards is not None else (None, ())
         key = (row.grad.device, id(mesh), dims, n, dtype, fused or given)

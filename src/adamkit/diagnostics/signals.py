@@ -259,23 +259,45 @@ def fused_sums(
 
 NORM_SUMS = ("grad_sq", "m_sq", "v_sq")
 """The columns of :func:`fused_norms`."""
+NORM_DELTA_SUMS = (*NORM_SUMS, "param_sq", "delta_sq")
+"""The columns of :func:`fused_norms` given the param before and after the step."""
 
 
-def norm_sums(grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor) -> tuple[Tensor, ...]:
-    """sum g^2, sum m^2 and sum v^2 over the last dimension (the columns of
-    :func:`fused_norms`, apart)."""
-    return grad.square().sum(-1), exp_avg.square().sum(-1), exp_avg_sq.square().sum(-1)
+def norm_sums(
+    grad: Tensor,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    param_before: Tensor | None = None,
+    param_after: Tensor | None = None,
+) -> tuple[Tensor, ...]:
+    """The columns of :func:`fused_norms`, apart: sum g^2, sum m^2, sum v^2 over the last
+    dimension (and sum p0^2, sum (p1 - p0)^2 given the params)."""
+    sums = (grad.square().sum(-1), exp_avg.square().sum(-1), exp_avg_sq.square().sum(-1))
+    if param_before is None or param_after is None:
+        return sums
+    delta = param_after - param_before
+    return (*sums, param_before.square().sum(-1), delta.square().sum(-1))
 
 
-def fused_norms(grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor) -> Tensor:
-    """(sum g^2, sum m^2, sum v^2) over the last dimension, stacked last: ``[..., 3]``.
+def fused_norms(
+    grad: Tensor,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    param_before: Tensor | None = None,
+    param_after: Tensor | None = None,
+) -> Tensor:
+    """(sum g^2, sum m^2, sum v^2) over the last dimension, stacked last: ``[..., 3]``; given
+    the param before and after the step (as stored), also sum p0^2 and sum (p1 - p0)^2:
+    ``[..., 5]`` (:data:`NORM_DELTA_SUMS`).
 
     What adamkit's compiled step hands a Monitor: the squared norms of the gradient and of
-    the new raw moments, the quantities that need every entry; the Monitor takes the other
-    signals from its sample. Over ``[rows, n]`` inputs the sums stay per row, so that a
-    compiler can put each row's sums in the loop that writes the row.
+    the new raw moments, the quantities that need every entry, and for fp32 params the
+    squared norms behind the update-to-weight ratio, which then need no sample of the param
+    before and after the step; the Monitor takes the other signals from its sample. Over
+    ``[rows, n]`` inputs the sums stay per row, so that a compiler can put each row's sums in
+    the loop that writes the row.
     """
-    return torch.stack(norm_sums(grad, exp_avg, exp_avg_sq), -1)
+    return torch.stack(norm_sums(grad, exp_avg, exp_avg_sq, param_before, param_after), -1)
 
 
 FINITE_SUMS = ("grad_sq", "param_sq", "delta_sq", "update_sq", "v_hat_sum", "m_sq", "v_sq")

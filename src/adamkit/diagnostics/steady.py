@@ -8,12 +8,14 @@ record per tensor, every sample view of m and v (an ``as_strided`` each) and the
 to scatter. :class:`SteadyReads` keeps all of that from one general read and replays it:
 
 - the sample views of p, m and v (the v the denominator used) and where their values go in
-  the ``[T, rows, K]`` sample array, with the snapshot of p0 taken before the step;
+  the ``[T, rows, K]`` sample array, with the snapshot of p0 taken before the step (neither p0
+  nor p1 when the optimizer gives every param's sum p0^2 and sum (p1 - p0)^2 with its norms);
 - the measured rows themselves (their gradient and step count refreshed each step).
 
 Each step it first checks that the replay is still the general read: every param has a
 gradient, its state holds the very moment tensors the views were made of (``is``), and the
-norms come the same way (given by the optimizer for every param, or taken here). Anything else,
+norms come the same way (given by the optimizer for every param, with the same columns, or
+taken here). Anything else,
 including a new layout of params, AMSGrad switched on or off, ``load_state_dict`` (the Monitor
 drops the replay then, so that no view keeps replaced moments alive), sends the step back to
 the general read, which may build a new replay. Both give the same numbers (tested); this one
@@ -47,6 +49,7 @@ class SteadyReads:
         amsgrad: tuple[bool, ...],
         given: bool,
         dtype: torch.dtype,
+        delta: bool = False,
     ) -> None:
         self.layout = layout
         self.rows = rows
@@ -54,6 +57,8 @@ class SteadyReads:
         self.amsgrad = amsgrad
         self.given = given  # norms from the optimizer (else one multi-tensor norm per kind)
         self.dtype = dtype  # compute dtype of the norms taken here
+        self.delta = delta  # the optimizer also gives sum p0^2 and sum dp^2: no sample of p
+        self.columns = len(S.NORM_DELTA_SUMS if delta else S.NORM_SUMS)
         T = len(rows)
         self.k = np.array([row.entry.k for row in rows], dtype=np.int64)
         self.K = max(int(self.k.max(initial=1)), 1)
@@ -61,6 +66,8 @@ class SteadyReads:
         # p0 (the snapshot's cats) and p1 (the layout's views of the params, gathered now):
         # one cat per (device, dtype), in the layout's order of entries
         param_rows = [np.array([index[i] for i in idx]) for idx, _ in layout.param_views]
+        if delta:
+            param_rows = []
         self.p0_dest = [self._dest(r, np.full(len(r), ROW["p0"])) for r in param_rows]
         self.groups = [
             (views, self._dest(r, np.full(len(r), ROW["p1"])))
@@ -104,6 +111,7 @@ class SteadyReads:
             return None
         moments = []
         given = []
+        deltas = []
         for row in rows:
             e = row.entry
             if not (e.plain and row.has_state and row.exact is None and e.stored is not None):
@@ -118,7 +126,8 @@ class SteadyReads:
                 return None
             moments.append(stored)  # as stored: vmax even where AMSGrad is off
             given.append(row.norms is not None)
-        if any(given) and not all(given):
+            deltas.append(row.has_delta)
+        if any(given) and not all(given) or any(deltas) and not all(deltas):
             return None
         if not all(given):
             dtypes = {compute_dtype(row.grad) for row in rows}
@@ -127,14 +136,17 @@ class SteadyReads:
                 return None
         amsgrad = tuple(h.amsgrad for h in hyper)
         dtype = compute_dtype(rows[0].grad)
-        return cls(layout, rows, moments, amsgrad, all(given), dtype)
+        return cls(layout, rows, moments, amsgrad, all(given), dtype, all(deltas))
 
     def read(
         self, states: dict, snap: Any, hyper: list[Any], fused: dict[Tensor, Tensor] | None
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
-        """(samples [T, rows, K], squared norms [T, 3], steps before, steps after), or None
-        when the replay no longer matches what a general read would do (see the module)."""
-        if snap.layout is not self.layout or snap.p0 is None or snap.p0_other:
+        """(samples [T, rows, K], squared norms [T, 3], the optimizer's sum p0^2 and sum dp^2
+        [T, 2] (NaN without them), steps before, steps after), or None when the replay no
+        longer matches what a general read would do (see the module)."""
+        if snap.layout is not self.layout or snap.p0_other:
+            return None
+        if snap.p0 is None and not self.delta:
             return None
         if tuple(h.amsgrad for h in hyper) != self.amsgrad:
             return None
@@ -154,14 +166,15 @@ class SteadyReads:
                 return None
             if self.given:
                 given = fused.get(p)
-                if given is None or given.numel() != len(S.NORM_SUMS):
+                if given is None or given.numel() != self.columns:
                     return None
                 norms.append(given if given.dim() == 1 else given.reshape(-1))
             row.grad = grad
             row.step_after = st.get("step")
             steps.append(row.step_after)
         transfer = Transfer()
-        handles = [(transfer.add(cat), dest) for (_, cat), dest in zip(snap.p0, self.p0_dest)]
+        p0 = snap.p0 if not self.delta else []
+        handles = [(transfer.add(cat), dest) for (_, cat), dest in zip(p0, self.p0_dest)]
         handles += [(transfer.add(views, len(dest)), dest) for views, dest in self.groups]
         if self.given:
             norm = torch.stack(norms).to(self.dtype)
@@ -179,6 +192,7 @@ class SteadyReads:
         flat = samples.reshape(-1)
         for handle, dest in handles:
             flat[dest] = transfer.get(handle)
-        squared = transfer.get(norm_handle).reshape(len(self.rows), 3)
+        got = transfer.get(norm_handle).reshape(len(self.rows), self.columns)
+        delta = got[:, 3:] if self.delta else np.full((len(self.rows), 2), np.nan)
         steps_before = before.read(transfer)[[row.index for row in self.rows]]
-        return samples, squared, steps_before, after.read(transfer)
+        return samples, got[:, :3], delta, steps_before, after.read(transfer)

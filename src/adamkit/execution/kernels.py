@@ -155,7 +155,8 @@ def _chunk_function(spec: KernelSpec) -> Callable:
     :func:`adamkit.diagnostics.signals.fused_norms` (a ``[width, 3]`` float32 tensor: g and
     the new m and v), computed from the values the step has at hand. Float slots of such a
     kernel outside small chunks arrive as ``[rows, SIGNAL_ROW]`` (:func:`signal_rows`), so
-    that each row's sums share a loop with the row's writes.
+    that each row's sums share a loop with the row's writes. Kernels of fp32 params with float
+    moments also sum p0^2 and (p1 - p0)^2 (``[width, 5]``).
     """
     codec, flags, width, sr = spec.codec, spec.flags, spec.width, spec.stochastic_param
     f32 = torch.float32
@@ -190,7 +191,12 @@ def _chunk_function(spec: KernelSpec) -> Callable:
             moments = {k: torch.where(inside, v, 0.0) for k, v in moments.items()}
         norms = None
         if signals:
-            sums = norm_sums(g32, moments["exp_avg"], moments["exp_avg_sq"])
+            # fp32 params with float moments: also sum p0^2 and sum (p1 - p0)^2 of the values
+            # written (in rows, the update loop holds them once the sums are merged into it:
+            # merging.py); block-wise kernels leave the param's change to the Monitor's sample
+            delta = not block and not sr and spec.param_dtype == f32
+            p0, p1 = (param, new_param) if delta else (None, None)
+            sums = norm_sums(g32, moments["exp_avg"], moments["exp_avg_sq"], p0, p1)
             if tie:
                 # Float rows: every write reads its row's sums through a no-op select, so
                 # that inductor puts a row's sums and its writes under one outer loop and
@@ -201,7 +207,7 @@ def _chunk_function(spec: KernelSpec) -> Callable:
                 ok = (sums[0] == sums[0])[:, None]
                 new_param = torch.where(ok, new_param, new_param)
                 moments = {k: torch.where(ok, v, v) for k, v in moments.items()}
-            norms = torch.stack(sums, -1).reshape(-1, 3).sum(0)
+            norms = torch.stack(sums, -1).reshape(-1, len(sums)).sum(0)
         write_param_(param, new_param.view(param.shape), sr, key)
         for name in keys:
             codec.encode_(state, name, moments[name], key)
@@ -425,6 +431,12 @@ def _compile(spec: KernelSpec, device: torch.device) -> Kernel:
             # fp32 buffers (measured: 40 B/param moved, 2.2x slower); recomputed, the step
             # is one pass for the scales and one for everything else. (Power-companded
             # codes are left alone: inlined, their int4 kernels took 195 s to compile.)
+            options.update(MINIFLOAT_OPTIONS)
+        if signal_rows(spec):
+            # The rows' sums of p0^2 and (p1 - p0)^2 need the new param, as its write does:
+            # realised, it became a buffer of the slot (written, then read back: the signals
+            # kernel took 2x the plain one). Recomputed in the sums loop, the merging pass
+            # leaves one computation of it (merging.py).
             options.update(MINIFLOAT_OPTIONS)
         # (stochastic rounding included, now that _vector_bitcasts casts pairs of vectors:
         # bf16 moments with SR, one 4.5M slot, one thread, 9.4 ms at 16 lanes, 5.3 at 32)

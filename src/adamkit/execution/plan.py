@@ -517,11 +517,16 @@ class GroupPlan:
         return self._signal_calls
 
     def collect_sums(self, outputs: list[tuple[_Call, Tensor]]) -> dict[int, Tensor]:
-        """Per param (plan index), its slots' signal sums added up."""
+        """Per param (plan index), its slots' signal sums added up (the columns that all its
+        slots have: rows of an fp32 param give 5, a tail slot of it 3)."""
         sums: dict[int, Tensor] = {}
         for call, table in outputs:
             for k, i in enumerate(call.members):
-                sums[i] = table[k] if i not in sums else sums[i] + table[k]
+                row = table[k]
+                if i in sums:  # slots of one param: the columns that all of them have
+                    n = min(row.numel(), sums[i].numel())
+                    row = sums[i][:n] + row[:n]
+                sums[i] = row
         return sums
 
     def fill_random(self, steps: list[float]) -> None:
