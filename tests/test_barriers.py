@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import textwrap
 
-from adamkit.execution.barriers import drop_barriers
+from adamkit.execution.barriers import drop_barriers, fuse_row_loops
 
 ROWS = "for(int64_t x0=static_cast<int64_t>(0L); x0<static_cast<int64_t>(ks0); x0+=static_cast<int64_t>(1L))"
 INNER = "for(int64_t x1=static_cast<int64_t>(0L); x1<static_cast<int64_t>(256L); x1+=static_cast<int64_t>(16L))"
@@ -138,3 +138,47 @@ def test_loops_over_disjoint_buffers_drop_the_barrier_between_them():
 def test_a_source_without_a_parallel_region_comes_back_unchanged():
     source = _kernel(SCALES, MAIN).replace("#pragma omp parallel", "// serial")
     assert drop_barriers(source) == source
+
+
+def _bodies(source: str) -> list[list[str]]:
+    """The lines of each worksharing loop's body, stripped."""
+    lines = [line.strip() for line in source.split("\n")]
+    out = []
+    for k, line in enumerate(lines):
+        if line.startswith("#pragma omp for"):
+            depth, body = 0, []
+            for text in lines[k + 2 :]:
+                depth += text.count("{") - text.count("}")
+                body.append(text)
+                if depth == 0:
+                    break
+            out.append(body[1:-1])
+    return out
+
+
+def test_independent_row_loops_fuse_into_one_in_their_order():
+    out = fuse_row_loops(_kernel(SCALES, MAIN, SCALE_COPY))
+    assert _pragmas(out) == ["#pragma omp for"] * 2  # the scale pass with the main loop; the copy
+    fused, copy = _bodies(out)
+    scales, main = _bodies(_kernel(SCALES, MAIN))
+    # one row: the scale pass's body, then the main loop's, each in a block of its own
+    assert fused == ["{", *scales, "}", "{", *main, "}"]
+    assert copy == _bodies(_kernel(SCALE_COPY))[0]
+    # and then the barrier pass still sees the fused loop (the copy needs every row's scale)
+    assert _pragmas(drop_barriers(out)) == ["#pragma omp for"] * 2
+
+
+def test_loops_that_are_not_row_local_or_not_alike_stay_apart():
+    neighbour = MAIN.replace(
+        "out_ptr0[static_cast<int64_t>(x0)]", "out_ptr0[static_cast<int64_t>(1L + x0)]"
+    )
+    other_rows = MAIN.replace("static_cast<int64_t>(ks0)", "static_cast<int64_t>(ks1)")
+    statement = "    float shared = out_ptr0[0];"
+    for source in (
+        _kernel(SCALES, neighbour),  # reads the next row's scale: all of them must be written
+        _kernel(SCALES, other_rows),  # another row count
+        _kernel(SCALES, statement, MAIN),  # code between the loops
+        _kernel(SCALE_COPY, SCALE_COPY.replace("out_ptr2", "out_ptr5")),  # 16 rows a step
+        _kernel(SCALES, MAIN).replace("#pragma omp parallel", "// serial"),
+    ):
+        assert fuse_row_loops(source) == source

@@ -523,6 +523,46 @@ def test_merged_sums_loops_change_no_bit(monkeypatch) -> None:
             assert torch.equal(opt.state[p][key], ref.state[q][key]), (p.shape, key)
 
 
+def test_shared_row_values_change_no_bit(monkeypatch) -> None:
+    """With kernels.SHARE_ROW_VALUES (a block-wise kernel's scale pass and main loop under one
+    loop over rows, the main loop loading the new moments the scale pass computed) the params
+    and the stored codes and scales are those of the kernels without it, bit for bit, and the
+    passes did apply. (A fresh CODEGEN_PATCHES key: both variants compile here. int8 only, for
+    time: int4's shared kernels meet the eager path in the tests above.)"""
+    import uuid
+
+    real = kernels.share_row_values
+    shared = []
+
+    def recording(source, aliases):
+        out = real(source, aliases)
+        shared.append("abuf" in out)
+        return out
+
+    monkeypatch.setattr(kernels, "share_row_values", recording)
+    key = f"{kernels.CODEGEN_PATCHES}; test {uuid.uuid4().hex}"
+    runs = []
+    for share in (True, False):
+        monkeypatch.setattr(kernels, "SHARE_ROW_VALUES", share)
+        monkeypatch.setattr(kernels, "CODEGEN_PATCHES", f"{key} {share}")
+        kernels.reset_kernels()
+        ps = _model([(40, 512)])
+        opt = adamkit.AdamW(ps, lr=1e-2, weight_decay=0.1, backend="compiled", state_dtype="int8")
+        for step in range(3):
+            _set_grads(ps, step)
+            opt.step()
+        assert opt._executor._plans[0].eager == [] and opt._executor._plans[0].failed == []
+        runs.append((ps, opt))
+    kernels.reset_kernels()
+    assert any(shared)
+    (ps, opt), (ref_ps, ref) = runs
+    for p, q in zip(ps, ref_ps):
+        assert torch.equal(p, q), p.shape
+        for key, value in opt.state[p].items():
+            if isinstance(value, torch.Tensor):
+                assert torch.equal(value, ref.state[q][key]), (p.shape, key)
+
+
 def test_signal_kernels_follow_fused_signals() -> None:
     """fused_signals: False never hands sums over (the Monitor measures itself), "auto" does
     once the kernels exist in the process (their compile already paid), True does; anything

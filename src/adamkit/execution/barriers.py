@@ -18,6 +18,12 @@ accessed row-locally: at index ``a * x0 + r`` with the same ``a`` for every acce
 evaluating the index over the inner loops' literal ranges). Anything the pass cannot read
 (another access form, symbolic inner bounds, code between the loops other than plain
 worksharing blocks) keeps its barrier. A source without such loops comes back unchanged.
+
+:func:`fuse_row_loops` goes one step further for two adjacent loops over the same rows that
+are independent in that sense: one loop, whose body runs the first loop's row and then the
+second's. A thread then finishes a row while its data is in L1 (a block-wise kernel's scale
+pass and main loop read the same gradient and codes), and the second body can use what the
+first computed (:mod:`adamkit.execution.sharing`).
 """
 
 from __future__ import annotations
@@ -247,3 +253,87 @@ def _independent(earlier: _Loop, later: _Loop) -> bool:
         if len(row_sizes) != 1:
             return False
     return True
+
+
+def fuse_row_loops(source: str) -> str:
+    """``source`` with each pair of adjacent worksharing loops over the same rows that
+    :func:`drop_barriers` finds independent made one loop whose body runs the first loop's
+    row, then the second loop's (each in a block of its own: inductor reuses names)."""
+    lines = source.split("\n")
+    out: list[str] = []
+    k = 0
+    changed = False
+    while k < len(lines):
+        line = lines[k]
+        if _PARALLEL.match(line) and k + 1 < len(lines) and lines[k + 1].strip() == "{":
+            end = block_end(lines, k + 1)
+            if end is not None:
+                region = _fused_region(lines, k + 2, end)
+                if region is not None:
+                    out += lines[k : k + 2] + region
+                    k = end
+                    changed = True
+                    continue
+        out.append(line)
+        k += 1
+    return "\n".join(out) if changed else source
+
+
+def _fused_region(lines: list[str], start: int, end: int) -> list[str] | None:
+    """The region's lines with its fusable pairs of loops fused; None when there are none."""
+    blocks: list[tuple[int, int, _Loop | None]] = []
+    k = start
+    while k < end:
+        if lines[k].strip() == "{":
+            close = block_end(lines, k)
+            if close is None or close > end:
+                return None
+            blocks.append((k, close, _worksharing(lines, k, close)))
+            k = close + 1
+        else:
+            blocks.append((k, k, None))
+            k += 1
+    out: list[str] = []
+    changed = False
+    j = 0
+    while j < len(blocks):
+        first, close, loop = blocks[j]
+        nxt = blocks[j + 1] if j + 1 < len(blocks) else None
+        if loop is not None and nxt is not None and _fusable(loop, nxt[2]):
+            a, b = _parts(lines, first, close), _parts(lines, nxt[0], nxt[1])
+            if a is not None and b is not None:
+                (head, body_a, tail), (_, body_b, _) = a, b
+                pad = lines[head[-1]][: len(lines[head[-1]]) - len(lines[head[-1]].lstrip())]
+                out += [lines[x] for x in head]
+                out += [pad + "    {", *lines[body_a[0] : body_a[1]], pad + "    }"]
+                out += [pad + "    {", *lines[body_b[0] : body_b[1]], pad + "    }"]
+                out += [lines[x] for x in tail]
+                changed = True
+                j += 2
+                continue
+        out += lines[first : close + 1]
+        j += 1
+    return out if changed else None
+
+
+def _fusable(first: _Loop, second: _Loop | None) -> bool:
+    if second is None or first.accesses is None or second.accesses is None:
+        return False
+    found = _HEADER.match(first.header)
+    return first.header == second.header and found.group(4) == "1" and _independent(first, second)
+
+
+def _parts(lines: list[str], open_line: int, close: int):
+    """(head line indices, (body start, body end), tail line indices) of a worksharing block
+    ``{ #pragma omp for / for(...) / { body } }``; None for another shape."""
+    inner = [k for k in range(open_line + 1, close) if lines[k].strip()]
+    if len(inner) < 3:
+        return None
+    body_close = block_end(lines, inner[2])
+    if body_close is None or body_close + 1 != close:
+        return None
+    return (
+        [open_line, inner[0], inner[1], inner[2]],
+        (inner[2] + 1, body_close),
+        [body_close, close],
+    )

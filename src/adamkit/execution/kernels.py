@@ -33,11 +33,12 @@ import torch
 from torch import Tensor
 
 from adamkit.diagnostics.signals import norm_sums
-from adamkit.execution.barriers import drop_barriers
+from adamkit.execution.barriers import drop_barriers, fuse_row_loops
 from adamkit.execution.eager import write_param_
 from adamkit.execution.hoisting import hoist_invariants
 from adamkit.execution.merging import merge_sum_loops
 from adamkit.execution.multi_tensor import moment_keys
+from adamkit.execution.sharing import share_row_values
 from adamkit.rule import StepScalars, UpdateFlags, adam_update, step_scalars
 from adamkit.storage.rounding import ShardKey
 
@@ -556,12 +557,13 @@ def _copies_follow_lowp_tiling(lowp: torch.dtype | None):
 CODEGEN_PATCHES = (
     "adamkit-codegen: lowp copies tiled (SR too), vector bitcasts x1/x2, aranges, prefetch 1024, "
     "int32->uint8 through int8, invariants hoisted from row loops (a name once a block), "
-    "barriers dropped, signal sums merged into the update loop"
+    "barriers dropped, signal sums merged into the update loop (p0 and dp too), row loops "
+    "fused, row values shared"
 )
 """Names the changes this module makes to inductor's C++ code generation while it compiles
 (:func:`_copies_follow_lowp_tiling`, :func:`_vector_bitcasts`, :func:`_vector_aranges`,
 :func:`_prefetched_loads`, :func:`_vector_narrowing`, :func:`_rewritten_source`; with
-:data:`MERGE_SUM_LOOPS` off the key says so).
+:data:`MERGE_SUM_LOOPS` or :data:`SHARE_ROW_VALUES` off the key says so).
 Inductor's caches key compiled code on the graph and the config, not on such changes: a
 no-op post-grad pass with this uuid (:func:`_codegen_marker`) puts them in the key, so a
 cache filled before a change is not handed back after it. Change the string whenever the
@@ -587,7 +589,8 @@ def _codegen_marker(device: torch.device):
         return None
     mode = "cpu serial" if device.type == "cpu" and parallel_num_threads() == 1 else "parallel"
     merged = "" if MERGE_SUM_LOOPS else "; sums not merged"
-    key = f"{CODEGEN_PATCHES}; {mode}{merged}"
+    shared = "" if SHARE_ROW_VALUES else "; row values not shared"
+    key = f"{CODEGEN_PATCHES}; {mode}{merged}{shared}"
 
     class CodegenPatches(CustomGraphPass):
         def __call__(self, graph) -> None:
@@ -723,7 +726,7 @@ def _prefetched_loads():
 
 
 def _rewritten_source():
-    """While compiling a kernel: three passes over the C++ source inductor writes.
+    """While compiling a kernel: five passes over the C++ source inductor writes.
 
     - :func:`adamkit.execution.hoisting.hoist_invariants` moves the loop-invariant lines of
       innermost row loops (a block's scale, the step's scalars and what derives from them
@@ -731,6 +734,10 @@ def _rewritten_source():
     - :func:`adamkit.execution.merging.merge_sum_loops` (with :data:`MERGE_SUM_LOOPS`) puts a
       signals kernel's per-row sums into the loop that writes the row, given which pointer
       arguments name the same buffer (:func:`_pointer_buffers`);
+    - with :data:`SHARE_ROW_VALUES`, :func:`adamkit.execution.barriers.fuse_row_loops` runs a
+      block-wise kernel's scale pass and main loop under one loop over rows, and
+      :func:`adamkit.execution.sharing.share_row_values` keeps the new moments the scale pass
+      computed for the main loop (a row buffer in L1 instead of decoding them again);
     - :func:`adamkit.execution.barriers.drop_barriers` gives ``nowait`` to the worksharing
       loops that no later loop of the region can race with.
 
@@ -740,9 +747,13 @@ def _rewritten_source():
     def replace(original):
         def define_kernel(self, src_code, *args, **kwargs):
             source = hoist_invariants(src_code)
+            kernel_args = args[1] if len(args) > 1 else kwargs.get("kernel_args")
             if MERGE_SUM_LOOPS:
-                kernel_args = args[1] if len(args) > 1 else kwargs.get("kernel_args")
                 source = merge_sum_loops(source, _pointer_buffers(self, kernel_args))
+            if SHARE_ROW_VALUES:
+                source = share_row_values(
+                    fuse_row_loops(source), _pointer_buffers(self, kernel_args)
+                )
             source = drop_barriers(source)
             return original(self, source, *args, **kwargs)
 
@@ -754,6 +765,12 @@ def _rewritten_source():
 MERGE_SUM_LOOPS = True
 """Whether :func:`_rewritten_source` merges a signals kernel's sums loops into its update loops
 (:mod:`adamkit.execution.merging`; tests and A/B timings switch it off)."""
+
+SHARE_ROW_VALUES = True
+"""Whether :func:`_rewritten_source` fuses a block-wise kernel's scale pass and main loop under
+one loop over rows (:func:`adamkit.execution.barriers.fuse_row_loops`) and lets the main loop
+load the new moments the scale pass computed (:mod:`adamkit.execution.sharing`; tests and A/B
+timings switch it off)."""
 
 
 def _pointer_buffers(scheduling: Any, kernel_args: Any) -> dict[str, str]:
