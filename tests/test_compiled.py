@@ -504,7 +504,7 @@ def test_merged_sums_loops_change_no_bit(monkeypatch) -> None:
         monkeypatch.setattr(kernels, "MERGE_SUM_LOOPS", merge)
         monkeypatch.setattr(kernels, "CODEGEN_PATCHES", f"{key} {merge}")
         kernels.reset_kernels()
-        ps = _model([(70, 100), (4097,)])
+        ps = _model([(64, 128)])
         opt = adamkit.AdamW(ps, lr=1e-2, weight_decay=0.1, backend="compiled")
         opt.fused_signals = True
         for step in range(3):
