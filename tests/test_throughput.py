@@ -192,3 +192,21 @@ def test_anchor_state_formats_flag_unquantised_tensors():
     opt.state[p]["state1"] = torch.zeros(300)  # kept in fp32, as bitsandbytes does < 4096
     assert anchors.state_formats("bnb-adamw8bit", opt) == {"float32": 1}
     assert anchors.state_bytes(opt) == 1200
+
+
+def test_gpu_check_runs_its_cpu_side_and_refuses_unknown_states(tmp_path, capsys):
+    """benchmarks/gpu_check.sh's CPU side: the parity of compiled against eager for every
+    config (small sizes, two steps), the copy bandwidth and the JSON report; an unknown lean
+    state is refused before anything runs."""
+    from adamkit.bench import gpu_check
+
+    path = tmp_path / "gpu_check.json"
+    argv = ["--device", "cpu", "--steps", "2", "--skip-throughput", "--json", str(path)]
+    assert gpu_check.main(argv) == 0
+    report = json.loads(path.read_text())
+    assert report["ok"] and report["device"] == "cpu"
+    assert len(report["parity"]) >= 8  # every config of the issue
+    assert all(p["worst_relative_error"] <= p["tolerance"] for p in report["parity"])
+    assert report["bandwidth"]["bytes_per_s"] > 0
+    assert gpu_check.main(["--device", "cpu", "--state-dtype", "int3"]) == 2
+    assert "unknown --state-dtype 'int3'" in capsys.readouterr().err

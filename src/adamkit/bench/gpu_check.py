@@ -12,7 +12,10 @@ it does, in one process and in well under five minutes:
    64x256), via :mod:`adamkit.bench.throughput`;
 3. **bandwidth**: a device-to-device copy of 1 GiB, timed in the same run, as bytes read plus
    written per second; with 28 B per fp32 param it gives the floor in Gparam/s the Adam step
-   could reach.
+   could reach;
+4. **lean state**: adamkit compiled with ``--state-dtype`` states (default int8) next to
+   bitsandbytes' AdamW8bit where it installs and runs on the device (issue 5: int8 >= 1.0x
+   bitsandbytes on GPU), in the same throughput runs: the table's "vs low-bit" column.
 
 Without CUDA (or with ``--device cpu``) the same code runs on CPU tensors with small sizes: the
 argument handling and the parity check are exercised everywhere. Results go to stdout and to
@@ -31,7 +34,7 @@ from typing import Any
 import torch
 
 import adamkit
-from adamkit.bench import throughput
+from adamkit.bench import anchors, throughput
 from adamkit.execution.compiled import compile_stats
 
 PARITY_TOLERANCE = 2e-6
@@ -143,6 +146,11 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--repeats", type=int, default=5, help="timed rounds of the throughput run")
     ap.add_argument("--small", action="store_true", help="small layouts (default on CPU)")
     ap.add_argument("--skip-throughput", action="store_true")
+    ap.add_argument(
+        "--state-dtype",
+        default="int8",
+        help="comma list of lean states also timed compiled (default int8; none: skip)",
+    )
     ap.add_argument("--json", metavar="PATH", help="write the results as JSON")
     return ap
 
@@ -152,6 +160,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
         print("gpu_check: CUDA is not available", file=sys.stderr)
+        return 2
+    lean = tuple(d.strip() for d in args.state_dtype.split(",") if d.strip() not in ("", "none"))
+    unknown = [d for d in lean if d not in throughput.STATE_DTYPES]
+    if unknown:
+        print(
+            f"gpu_check: unknown --state-dtype {', '.join(map(repr, unknown))}; choose from "
+            f"{', '.join(throughput.STATE_DTYPES)} or none",
+            file=sys.stderr,
+        )
         return 2
     small = args.small or not device.startswith("cuda")
     start = time.perf_counter()
@@ -171,23 +188,29 @@ def main(argv: Sequence[str] | None = None) -> int:
             if small
             else [(name, throughput.layout_shapes(name)) for name in ("big", "many")]
         )
+        candidates = throughput.expand_candidates(
+            ("adamkit-compiled",), lean, anchors.PACKAGES["bnb"] if "int8" in lean else ()
+        )
+        candidates = ["adamkit-compiled", "adamkit-auto", "torch-fused", "torch-foreach"] + [
+            c for c in candidates if c != "adamkit-compiled"
+        ]
         results = []
         for name, shapes in layouts:
             results += throughput.run_layout(
-                name,
-                shapes,
-                ("adamkit-compiled", "adamkit-auto", "torch-fused", "torch-foreach"),
-                device=device,
-                repeats=args.repeats,
+                name, shapes, candidates, device=device, repeats=args.repeats
             )
         rows = []
         for name, _ in layouts:
             rows += throughput.table_rows([r for r in results if r.layout == name])
         print(throughput.render(rows, f"throughput on {device}"))
+        for line in throughput.format_notes(results) + throughput.skip_notes(results):
+            print(line)
         report["throughput"] = [
             {
                 "layout": r.layout,
                 "candidate": r.candidate,
+                "state": r.state,
+                "skipped": r.skipped,
                 "gparams_per_s": r.gparams,
                 "median_s": r.median_s,
                 "first_step_s": r.first_step_s,
