@@ -517,8 +517,8 @@ class GroupPlan:
         return self._signal_calls
 
     def collect_sums(self, outputs: list[tuple[_Call, Tensor]]) -> dict[int, Tensor]:
-        """Per param (plan index), its slots' signal sums added up (the columns that all its
-        slots have: rows of an fp32 param give 5, a tail slot of it 3)."""
+        """Per param (plan index), its slots' signal sums added up (the columns all of its
+        slots have, should two of its kernels give different ones: 5 with p0 and dp, else 3)."""
         sums: dict[int, Tensor] = {}
         for call, table in outputs:
             for k, i in enumerate(call.members):
