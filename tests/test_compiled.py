@@ -482,28 +482,38 @@ def test_signal_kernels_return_the_norms_of_the_step(state_dtype: str, tol: floa
         assert {6912, 88, 3968, 129, 8192} <= set(sizes), sizes
 
 
-def test_merged_sums_loops_change_no_bit(monkeypatch) -> None:
-    """With kernels.MERGE_SUM_LOOPS (adamkit.execution.merging: a signals kernel's per-row sums
-    computed in the loop that writes the row) the sums, the params and the moments are those
-    of the kernels as inductor wrote them, bit for bit, and the pass did merge loops. (A fresh
-    CODEGEN_PATCHES key per run: both variants compile here, none comes from a cache.)"""
+def _with_and_without(monkeypatch, flag: str, text_pass: str, applied, run):
+    """``run()`` with kernels compiled with ``kernels.<flag>`` on, then off, each under a fresh
+    CODEGEN_PATCHES key (both variants compile here, none comes from a cache); returns both
+    results and whether ``kernels.<text_pass>`` changed some source (``applied(out, source)``)."""
     import uuid
 
-    real = kernels.merge_sum_loops
-    merged = []
+    real = getattr(kernels, text_pass)
+    seen = []
 
     def recording(source, aliases):
         out = real(source, aliases)
-        merged.append(out != source)
+        seen.append(applied(out, source))
         return out
 
-    monkeypatch.setattr(kernels, "merge_sum_loops", recording)
+    monkeypatch.setattr(kernels, text_pass, recording)
     key = f"{kernels.CODEGEN_PATCHES}; test {uuid.uuid4().hex}"
     runs = []
-    for merge in (True, False):
-        monkeypatch.setattr(kernels, "MERGE_SUM_LOOPS", merge)
-        monkeypatch.setattr(kernels, "CODEGEN_PATCHES", f"{key} {merge}")
+    for on in (True, False):
+        monkeypatch.setattr(kernels, flag, on)
+        monkeypatch.setattr(kernels, "CODEGEN_PATCHES", f"{key} {on}")
         kernels.reset_kernels()
+        runs.append(run())
+    kernels.reset_kernels()
+    return runs, any(seen)
+
+
+def test_merged_sums_loops_change_no_bit(monkeypatch) -> None:
+    """With kernels.MERGE_SUM_LOOPS (adamkit.execution.merging: a signals kernel's per-row sums
+    computed in the loop that writes the row) the sums, the params and the moments are those
+    of the kernels as inductor wrote them, bit for bit, and the pass did merge loops."""
+
+    def run():
         ps = _model([(64, 128)])
         opt = adamkit.AdamW(ps, lr=1e-2, weight_decay=0.1, backend="compiled")
         opt.fused_signals = True
@@ -511,9 +521,12 @@ def test_merged_sums_loops_change_no_bit(monkeypatch) -> None:
             _set_grads(ps, step)
             opt.fused_signals_request = step >= 1
             opt.step()
-        runs.append((ps, opt))
-    kernels.reset_kernels()
-    assert any(merged)
+        return ps, opt
+
+    runs, merged = _with_and_without(
+        monkeypatch, "MERGE_SUM_LOOPS", "merge_sum_loops", lambda out, src: out != src, run
+    )
+    assert merged
     (ps, opt), (ref_ps, ref) = runs
     assert set(opt.fused_signal_sums) == set(ps)
     for p, q in zip(ps, ref_ps):
@@ -527,34 +540,22 @@ def test_shared_row_values_change_no_bit(monkeypatch) -> None:
     """With kernels.SHARE_ROW_VALUES (a block-wise kernel's scale pass and main loop under one
     loop over rows, the main loop loading the new moments the scale pass computed) the params
     and the stored codes and scales are those of the kernels without it, bit for bit, and the
-    passes did apply. (A fresh CODEGEN_PATCHES key: both variants compile here. int8 only, for
-    time: int4's shared kernels meet the eager path in the tests above.)"""
-    import uuid
+    passes did apply. (int8 only, for time: int4's shared kernels meet the eager path in the
+    tests above.)"""
 
-    real = kernels.share_row_values
-    shared = []
-
-    def recording(source, aliases):
-        out = real(source, aliases)
-        shared.append("abuf" in out)
-        return out
-
-    monkeypatch.setattr(kernels, "share_row_values", recording)
-    key = f"{kernels.CODEGEN_PATCHES}; test {uuid.uuid4().hex}"
-    runs = []
-    for share in (True, False):
-        monkeypatch.setattr(kernels, "SHARE_ROW_VALUES", share)
-        monkeypatch.setattr(kernels, "CODEGEN_PATCHES", f"{key} {share}")
-        kernels.reset_kernels()
+    def run():
         ps = _model([(40, 512)])
         opt = adamkit.AdamW(ps, lr=1e-2, weight_decay=0.1, backend="compiled", state_dtype="int8")
         for step in range(3):
             _set_grads(ps, step)
             opt.step()
         assert opt._executor._plans[0].eager == [] and opt._executor._plans[0].failed == []
-        runs.append((ps, opt))
-    kernels.reset_kernels()
-    assert any(shared)
+        return ps, opt
+
+    runs, shared = _with_and_without(
+        monkeypatch, "SHARE_ROW_VALUES", "share_row_values", lambda out, src: "abuf" in out, run
+    )
+    assert shared
     (ps, opt), (ref_ps, ref) = runs
     for p, q in zip(ps, ref_ps):
         assert torch.equal(p, q), p.shape

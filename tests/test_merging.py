@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import textwrap
 
+from cpp_loops import vector_loop
+
 from adamkit.execution.merging import merge_sum_loops
 
 INDEX = "static_cast<int64_t>(x1 + 128L*x0)"
@@ -53,11 +55,7 @@ ALIASES = {
 
 
 def _loop(body: list[str]) -> list[str]:
-    return (
-        [HEADER, "{", "    {", f"        {LIKELY}", "        {"]
-        + [f"            {line}" for line in body]
-        + ["        }", "    }", "}"]
-    )
+    return vector_loop(HEADER, LIKELY, body)
 
 
 def _kernel(

@@ -4,6 +4,8 @@
 
 from __future__ import annotations
 
+from cpp_loops import vector_loop
+
 from adamkit.execution.sharing import share_row_values
 
 IDX = "static_cast<int64_t>(x1 + 256L*x0)"
@@ -45,11 +47,7 @@ MAIN_BODY = [
 
 
 def _loop(body: list[str], header: str = INNER) -> list[str]:
-    return (
-        [header, "{", "    {", f"        {LIKELY}", "        {"]
-        + [f"            {line}" for line in body]
-        + ["        }", "    }", "}"]
-    )
+    return vector_loop(header, LIKELY, body)
 
 
 def _row(

@@ -31,7 +31,7 @@ from __future__ import annotations
 import itertools
 import re
 
-from adamkit.execution.hoisting import block_end
+from adamkit.execution.cpp_source import LITERAL_FOR, POINTER, block_end, indent
 
 _PARALLEL = re.compile(r"^\s*#pragma omp parallel\b")
 _OMP_FOR = "#pragma omp for"
@@ -39,11 +39,6 @@ _HEADER = re.compile(
     r"^for\(int64_t (x\d+)=static_cast<int64_t>\((.*?)\); \1<static_cast<int64_t>\((.*?)\); "
     r"\1\+=static_cast<int64_t>\((\d+)L\)\)$"
 )
-_INNER = re.compile(
-    r"^\s*for\(int64_t (x\d+)=static_cast<int64_t>\((-?\d+)L\); \1<static_cast<int64_t>"
-    r"\((-?\d+)L\); \1\+=static_cast<int64_t>\((\d+)L\)\)\s*$"
-)
-_POINTER = re.compile(r"\b(?:in_out|in|out)_ptr\d+\b")
 _CAST = "static_cast<int64_t>("
 
 
@@ -52,14 +47,38 @@ def drop_barriers(source: str) -> str:
     barrier no later loop needs (see the module docstring)."""
     lines = source.split("\n")
     changed = {}
+    for start, end in _parallel_regions(lines):
+        changed.update(_region(lines, start, end))
+    if not changed:
+        return source
+    return "\n".join(changed.get(k, line) for k, line in enumerate(lines))
+
+
+def _parallel_regions(lines: list[str]):
+    """(first line, closing line) of the body of each ``#pragma omp parallel`` block."""
     for i, line in enumerate(lines):
         if _PARALLEL.match(line) and i + 1 < len(lines) and lines[i + 1].strip() == "{":
             end = block_end(lines, i + 1)
             if end is not None:
-                changed.update(_region(lines, i + 2, end))
-    if not changed:
-        return source
-    return "\n".join(changed.get(k, line) for k, line in enumerate(lines))
+                yield i + 2, end
+
+
+def _blocks(lines: list[str], start: int, end: int) -> list[tuple] | None:
+    """The region between ``start`` and ``end`` as (first line, last line, worksharing loop
+    or None): one entry per top-level block, one per other line; None when a block is open."""
+    items: list[tuple] = []
+    k = start
+    while k < end:
+        if lines[k].strip() == "{":
+            close = block_end(lines, k)
+            if close is None or close > end:
+                return None
+            items.append((k, close, _worksharing(lines, k, close)))
+            k = close + 1
+        else:
+            items.append((k, k, None))
+            k += 1
+    return items
 
 
 class _Loop:
@@ -76,20 +95,14 @@ class _Loop:
 
 def _region(lines: list[str], start: int, end: int) -> dict[int, str]:
     """New pragma lines for the loops of the parallel region between ``start`` and ``end``."""
-    items: list[_Loop | None] = []  # None: anything but a plain worksharing block
-    k = start
-    while k < end:
-        text = lines[k].strip()
-        if text == "{":
-            close = block_end(lines, k)
-            if close is None or close > end:
-                return {}
-            items.append(_worksharing(lines, k, close))
-            k = close + 1
-        else:
-            if text and not text.startswith("int tid = omp_get_thread_num();"):
-                items.append(None)
-            k += 1
+    blocks = _blocks(lines, start, end)
+    if blocks is None:
+        return {}
+    items = [  # None: anything but a plain worksharing block
+        loop
+        for first, last, loop in blocks
+        if first != last or lines[first].strip() not in ("", "int tid = omp_get_thread_num();")
+    ]
     changed: dict[int, str] = {}
     pending: list[_Loop] = []
     previous: _Loop | None = None
@@ -108,8 +121,7 @@ def _region(lines: list[str], start: int, end: int) -> dict[int, str]:
 
 
 def _pragma(line: str, nowait: bool) -> str:
-    indent = line[: len(line) - len(line.lstrip())]
-    return indent + _OMP_FOR + " schedule(static)" + (" nowait" if nowait else "")
+    return indent(line) + _OMP_FOR + " schedule(static)" + (" nowait" if nowait else "")
 
 
 def _worksharing(lines: list[str], open_line: int, close: int) -> _Loop | None:
@@ -138,7 +150,7 @@ def _accesses(body: list[str], var: str) -> dict | None:
     inner: list[tuple[str, range]] = []
     width = 1
     for line in body:
-        found = _INNER.match(line)
+        found = LITERAL_FOR.match(line)
         if found is not None:
             name, lo, hi, step = found.groups()
             inner.append((name, range(int(lo), int(hi), int(step))))
@@ -147,7 +159,7 @@ def _accesses(body: list[str], var: str) -> dict | None:
             return None  # an inner loop with symbolic bounds
     accesses: dict[str, list] = {}
     for line in body:
-        for found in _POINTER.finditer(line):
+        for found in POINTER.finditer(line):
             kind, index = _access(line, found.start(), found.end())
             if kind is None:
                 return None
@@ -262,37 +274,21 @@ def fuse_row_loops(source: str) -> str:
     lines = source.split("\n")
     out: list[str] = []
     k = 0
-    changed = False
-    while k < len(lines):
-        line = lines[k]
-        if _PARALLEL.match(line) and k + 1 < len(lines) and lines[k + 1].strip() == "{":
-            end = block_end(lines, k + 1)
-            if end is not None:
-                region = _fused_region(lines, k + 2, end)
-                if region is not None:
-                    out += lines[k : k + 2] + region
-                    k = end
-                    changed = True
-                    continue
-        out.append(line)
-        k += 1
-    return "\n".join(out) if changed else source
+    for start, end in _parallel_regions(lines):
+        if start < k:
+            continue  # inside a region already fused
+        region = _fused_region(lines, start, end)
+        if region is not None:
+            out += lines[k:start] + region
+            k = end
+    return "\n".join(out + lines[k:]) if out else source
 
 
 def _fused_region(lines: list[str], start: int, end: int) -> list[str] | None:
     """The region's lines with its fusable pairs of loops fused; None when there are none."""
-    blocks: list[tuple[int, int, _Loop | None]] = []
-    k = start
-    while k < end:
-        if lines[k].strip() == "{":
-            close = block_end(lines, k)
-            if close is None or close > end:
-                return None
-            blocks.append((k, close, _worksharing(lines, k, close)))
-            k = close + 1
-        else:
-            blocks.append((k, k, None))
-            k += 1
+    blocks = _blocks(lines, start, end)
+    if blocks is None:
+        return None
     out: list[str] = []
     changed = False
     j = 0
@@ -303,7 +299,7 @@ def _fused_region(lines: list[str], start: int, end: int) -> list[str] | None:
             a, b = _parts(lines, first, close), _parts(lines, nxt[0], nxt[1])
             if a is not None and b is not None:
                 (head, body_a, tail), (_, body_b, _) = a, b
-                pad = lines[head[-1]][: len(lines[head[-1]]) - len(lines[head[-1]].lstrip())]
+                pad = indent(lines[head[-1]])
                 out += [lines[x] for x in head]
                 out += [pad + "    {", *lines[body_a[0] : body_a[1]], pad + "    }"]
                 out += [pad + "    {", *lines[body_b[0] : body_b[1]], pad + "    }"]

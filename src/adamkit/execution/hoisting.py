@@ -29,15 +29,18 @@ from __future__ import annotations
 
 import re
 
-_FOR = re.compile(
-    r"^(\s*)for\(int64_t (x\d+)=static_cast<int64_t>\((-?\d+)L\); \2<static_cast<int64_t>"
-    r"\((-?\d+)L\); \2\+=static_cast<int64_t>\((\d+)L\)\)\s*$"
+from adamkit.execution.cpp_source import (
+    ANY_FOR,
+    DEFINITION,
+    LITERAL_FOR,
+    POINTER,
+    block_end,
+    enclosing_block,
+    indent,
 )
-_ANY_FOR = re.compile(r"^\s*for\s*\(")
-_DEFINITION = re.compile(r"^\s*auto (tmp\d+) = (.*);$")
+
 _ASSIGNED = re.compile(r"^\s*(?:[\w:<>,]+\s+)?(\w+)\s*=[^=]")
 _SCALAR_LOAD = re.compile(r"^((?:in_out|in|out)_ptr\d+)\[static_cast<int64_t>\(([^\[\]]*)\)\]$")
-_POINTER = re.compile(r"\b(?:in_out|in|out)_ptr\d+\b")
 _IDENTIFIER = re.compile(r"\b[A-Za-z_]\w*\b")
 _TMP = re.compile(r"\btmp\d+\b")
 
@@ -50,19 +53,20 @@ def hoist_invariants(source: str) -> str:
     moved: set[int] = set()
     declared: dict[int, set[str]] = {}  # names declared in a block (by its opening line)
     for i, line in enumerate(lines):
-        found = _FOR.match(line)
+        found = LITERAL_FOR.match(line)
         if found is None or i + 1 >= len(lines) or lines[i + 1].strip() != "{":
             continue
-        indent, var, start, end, step = found.groups()
+        var, start, end, step = found.groups()
+        pad = indent(line)
         if int(end) - int(start) < int(step):
             continue
         close = block_end(lines, i + 1)
         if close is None:
             continue
         body = range(i + 2, close)
-        if any(_ANY_FOR.match(lines[k]) for k in body):
+        if any(ANY_FOR.match(lines[k]) for k in body):
             continue  # not innermost
-        scope = _enclosing_block(lines, i)
+        scope = enclosing_block(lines, i)
         if scope not in declared:
             declared[scope] = _declared_in(lines, scope)
         take = _invariant_lines(lines, body, var, declared[scope])
@@ -71,11 +75,11 @@ def hoist_invariants(source: str) -> str:
         at = i
         while at > 0 and lines[at - 1].strip().startswith("#pragma"):
             at -= 1
-        inserts.setdefault(at, []).extend(indent + lines[k].strip() for k in take)
+        inserts.setdefault(at, []).extend(pad + lines[k].strip() for k in take)
         moved.update(take)
         # (sibling loops of one block may reuse names: inductor numbers each fused kernel's
         # temporaries from tmp0, so a name moved here is taken for the rest of the block)
-        declared[scope].update(_DEFINITION.match(lines[k]).group(1) for k in take)
+        declared[scope].update(DEFINITION.match(lines[k]).group(1) for k in take)
     if not inserts:
         return source
     out: list[str] = []
@@ -86,32 +90,12 @@ def hoist_invariants(source: str) -> str:
     return "\n".join(out)
 
 
-def block_end(lines: list[str], open_line: int) -> int | None:
-    """Index of the line that closes the block opened at ``open_line`` (None: unclosed)."""
-    depth = 0
-    for k in range(open_line, len(lines)):
-        depth += lines[k].count("{") - lines[k].count("}")
-        if depth == 0:
-            return k
-    return None
-
-
-def _enclosing_block(lines: list[str], line: int) -> int:
-    """Index of the ``{`` line that opens the block holding ``line`` (-1: none)."""
-    depth = 0
-    for k in range(line - 1, -1, -1):
-        depth += lines[k].count("}") - lines[k].count("{")
-        if depth < 0:
-            return k
-    return -1
-
-
 def _declared_in(lines: list[str], scope: int) -> set[str]:
     """``tmp`` names declared directly in the block opened at line ``scope``."""
     names: set[str] = set()
     depth = 0
     for k in range(scope + 1, len(lines)):
-        if depth == 0 and (found := _DEFINITION.match(lines[k])) is not None:
+        if depth == 0 and (found := DEFINITION.match(lines[k])) is not None:
             names.add(found.group(1))
         depth += lines[k].count("{") - lines[k].count("}")
         if depth < 0:
@@ -127,12 +111,12 @@ def _invariant_lines(lines: list[str], body: range, var: str, taken: set[str]) -
     # pointers named anywhere but on a line that only loads a scalar from them (stores, vector
     # loads, anything else): their scalars may change within the loop
     other_uses = {
-        name for k in body if not _is_scalar_load(lines[k]) for name in _POINTER.findall(lines[k])
+        name for k in body if not _is_scalar_load(lines[k]) for name in POINTER.findall(lines[k])
     }
     invariant: set[str] = set()
     take: list[int] = []
     for k in _main_path(lines, body):
-        found = _DEFINITION.match(lines[k])
+        found = DEFINITION.match(lines[k])
         if found is None:
             continue
         name, rhs = found.groups()
@@ -143,7 +127,7 @@ def _invariant_lines(lines: list[str], body: range, var: str, taken: set[str]) -
             pointer, rest = load.groups()
             if pointer in other_uses:
                 continue  # the loop stores through it (or reads it otherwise)
-        elif _POINTER.search(rhs) or "[" in rhs:
+        elif POINTER.search(rhs) or "[" in rhs:
             continue
         else:
             rest = rhs
@@ -157,7 +141,7 @@ def _invariant_lines(lines: list[str], body: range, var: str, taken: set[str]) -
 
 def _is_scalar_load(line: str) -> bool:
     """Whether ``line`` is ``auto tmpN = ptr[static_cast<int64_t>(i)];``."""
-    found = _DEFINITION.match(line)
+    found = DEFINITION.match(line)
     return found is not None and _SCALAR_LOAD.match(found.group(2)) is not None
 
 

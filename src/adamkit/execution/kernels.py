@@ -748,12 +748,11 @@ def _rewritten_source():
         def define_kernel(self, src_code, *args, **kwargs):
             source = hoist_invariants(src_code)
             kernel_args = args[1] if len(args) > 1 else kwargs.get("kernel_args")
+            buffers = _pointer_buffers(self, kernel_args)
             if MERGE_SUM_LOOPS:
-                source = merge_sum_loops(source, _pointer_buffers(self, kernel_args))
+                source = merge_sum_loops(source, buffers)
             if SHARE_ROW_VALUES:
-                source = share_row_values(
-                    fuse_row_loops(source), _pointer_buffers(self, kernel_args)
-                )
+                source = share_row_values(fuse_row_loops(source), buffers)
             source = drop_barriers(source)
             return original(self, source, *args, **kwargs)
 

@@ -37,14 +37,19 @@ from __future__ import annotations
 
 import re
 
-from adamkit.execution.hoisting import block_end
-
-_FOR = re.compile(
-    r"^\s*for\(int64_t (x\d+)=static_cast<int64_t>\((-?\d+)L\); \1<static_cast<int64_t>"
-    r"\((-?\d+)L\); \1\+=static_cast<int64_t>\((\d+)L\)\)\s*$"
+from adamkit.execution.cpp_source import (
+    ANY_FOR,
+    DEFINITION,
+    POINTER,
+    VECTOR_LOAD,
+    VECTOR_STORE,
+    InnermostLoop,
+    block_end,
+    enclosing_block,
+    no_prefetch,
+    parenthesised,
 )
-_ANY_FOR = re.compile(r"^\s*for\s*\(")
-_DEFINITION = re.compile(r"^\s*auto (tmp\d+) = (.*);$")
+
 _ACC_DECL = re.compile(
     r"^\s*(?:float|double|at::vec::Vectorized<(?:float|double)>) tmp_acc\d+(?:_vec)? = "
 )
@@ -56,14 +61,10 @@ _SCALAR_STORE = re.compile(
 _SCALAR_LOAD = re.compile(
     r"^\s*auto tmp\d+ = ((?:in_out|in|out)_ptr\d+)\[static_cast<int64_t>\([^\[\]]*\)\];$"
 )
-_POINTER = re.compile(r"\b(?:in_out|in|out)_ptr\d+\b")
 _TMP = re.compile(r"\btmp(\d+)\b")
 _NOOP_BLEND = re.compile(
     r"^decltype\((tmp\d+)\)::blendv\(\1, \1, tmp\d+\.template cast<[\w, ]+>\(\)\)$"
 )
-_LOAD = re.compile(r"::loadu\(((?:in_out|in|out)_ptr\d+) \+ ")
-_STORE = re.compile(r"\.store\(((?:in_out|in|out)_ptr\d+) \+ static_cast<int64_t>(.*)\);$")
-_PREFETCH = "(__builtin_prefetch("
 _RENAMED = "stmp"  # prefix of the sums' names once merged (``\btmp\d+\b`` does not match it)
 
 
@@ -77,7 +78,7 @@ def merge_sum_loops(source: str, aliases: dict[str, str]) -> str:
     out: list[str] = []
     k = 0
     while k < len(lines):
-        merged = _merge_at(lines, k, aliases) if _ANY_FOR.match(lines[k]) else None
+        merged = _merge_at(lines, k, aliases) if ANY_FOR.match(lines[k]) else None
         if merged is None:
             out.append(lines[k])
             k += 1
@@ -89,38 +90,10 @@ def merge_sum_loops(source: str, aliases: dict[str, str]) -> str:
     return "\n".join(out)
 
 
-class _Loop:
-    """An innermost loop ``for(...) { { if(C10_LIKELY(...)) { lines } } }``."""
-
-    def __init__(self, lines: list[str], at: int) -> None:
-        self.at = at
-        self.header = lines[at].strip()
-        self.end = block_end(lines, at + 1)
-        self.body: list[str] = []
-        self.ok = False
-        if self.end is None or _FOR.match(lines[at]) is None:
-            return
-        shape = [lines[j].strip() for j in range(at + 1, at + 5)]
-        tail = [lines[j].strip() for j in range(self.end - 2, self.end + 1)]
-        if shape[:2] != ["{", "{"] or not shape[2].startswith("if(C10_LIKELY("):
-            return
-        if shape[3] != "{" or tail != ["}", "}", "}"] or self.end - 2 <= at + 5:
-            return
-        body = lines[at + 5 : self.end - 2]
-        if any("{" in s or "}" in s or _ANY_FOR.match(s) for s in body):
-            return
-        if any(not (_DEFINITION.match(s) or s.strip().endswith(";")) for s in body):
-            return
-        self.condition = shape[2]
-        self.indent = lines[at][: len(lines[at]) - len(lines[at].lstrip())]
-        self.body = body
-        self.ok = True
-
-
 def _merge_at(lines: list[str], at: int, aliases: dict[str, str]):
     """The merge of the sums loop at line ``at`` with its update loop: (first line, end line,
     new lines), or None when the code is not of the shape the module describes."""
-    sums = _Loop(lines, at)
+    sums = InnermostLoop(lines, at)
     if not sums.ok or not any(_ACC_UPDATE.match(s) for s in sums.body):
         return None
     if any(".store(" in s or _SCALAR_STORE.match(s) for s in sums.body):
@@ -128,7 +101,7 @@ def _merge_at(lines: list[str], at: int, aliases: dict[str, str]):
     # the sums' block: declarations and definitions, the loop, the finals
     open_a = at - 1
     while open_a >= 0 and lines[open_a].strip() != "{":
-        if not (_ACC_DECL.match(lines[open_a]) or _DEFINITION.match(lines[open_a])):
+        if not (_ACC_DECL.match(lines[open_a]) or DEFINITION.match(lines[open_a])):
             return None
         open_a -= 1
     close_a = block_end(lines, open_a) if open_a >= 0 else None
@@ -151,11 +124,11 @@ def _merge_at(lines: list[str], at: int, aliases: dict[str, str]):
         k = end + 1
     copies_end = k
     # the update loop's definitions, then the update loop
-    while k < len(lines) and _DEFINITION.match(lines[k]):
+    while k < len(lines) and DEFINITION.match(lines[k]):
         k += 1
     if k >= len(lines) or lines[k].strip() != sums.header:
         return None
-    update = _Loop(lines, k)
+    update = InnermostLoop(lines, k)
     if not update.ok or update.condition != sums.condition:
         return None
     setup = _noop_blends_removed(lines[copies_end:k])
@@ -163,20 +136,20 @@ def _merge_at(lines: list[str], at: int, aliases: dict[str, str]):
     setup = _unused_dropped(setup, body, lines, update.end, open_a)
     if setup is None:
         return None
-    if any(p in written for s in setup + body for p in _POINTER.findall(s)):
+    if any(p in written for s in setup + body for p in POINTER.findall(s)):
         return None  # the update still reads the row's sums
     index = _one_index(sums.body + body)
-    if index is None or not _loads_of_width(sums.body, index, _step(sums.header)):
+    if index is None or not _loads_of_width(sums.body, index, sums.step):
         return None
-    if not _stores_of_width(body, index, _step(sums.header)):
+    if not _stores_of_width(body, index, sums.step):
         return None
-    used = {p for s in body for p in _POINTER.findall(s)}
-    loaded = {m.group(1) for s in body for m in _LOAD.finditer(s)}
+    used = {p for s in body for p in POINTER.findall(s)}
+    loaded = {m.group(1) for s in body for m in VECTOR_LOAD.finditer(s)}
     rename = _renaming(sums.body + lines[open_a + 1 : at], used, loaded, aliases)
     if rename is None:
         return None
     head = [_sums_name(_pointers(s, rename)) for s in lines[open_a + 1 : at]]
-    inner = [_sums_name(_pointers(_no_prefetch(s), rename)) for s in sums.body]
+    inner = [_sums_name(_pointers(no_prefetch(s), rename)) for s in sums.body]
     pad = sums.indent
     merged = [
         lines[open_a],
@@ -199,15 +172,11 @@ def _merge_at(lines: list[str], at: int, aliases: dict[str, str]):
     return open_a, update.end + 1, merged
 
 
-def _step(header: str) -> int:
-    return int(_FOR.match(header).group(4))
-
-
 def _noop_blends_removed(lines: list[str]) -> list[str]:
     """``auto t = decltype(x)::blendv(x, x, m);`` -> ``auto t = x;``."""
     out = []
     for s in lines:
-        found = _DEFINITION.match(s)
+        found = DEFINITION.match(s)
         if found is not None and (blend := _NOOP_BLEND.match(found.group(2))) is not None:
             s = s[: len(s) - len(found.group(2)) - 1] + blend.group(1) + ";"
         out.append(s)
@@ -223,13 +192,14 @@ def _unused_dropped(
     kept = list(setup)
     while True:
         used = {n for s in body for n in _TMP.findall(s)}
-        used |= {n for s in kept for n in _TMP.findall(_DEFINITION.match(s).group(2))}
-        drop = [s for s in kept if _TMP.match(_DEFINITION.match(s).group(1)).group(1) not in used]
+        used |= {n for s in kept for n in _TMP.findall(DEFINITION.match(s).group(2))}
+        drop = [s for s in kept if _TMP.match(DEFINITION.match(s).group(1)).group(1) not in used]
         if not drop:
             break
         kept = [s for s in kept if s not in drop]
-    names = {_DEFINITION.match(s).group(1) for s in setup}
-    scope_end = _enclosing_end(lines, open_a)
+    names = {DEFINITION.match(s).group(1) for s in setup}
+    scope = enclosing_block(lines, open_a)
+    scope_end = block_end(lines, scope) if scope >= 0 else None
     if scope_end is None:
         return None
     after = " ".join(lines[update_end + 1 : scope_end])
@@ -238,25 +208,16 @@ def _unused_dropped(
     return kept
 
 
-def _enclosing_end(lines: list[str], line: int) -> int | None:
-    depth = 0
-    for k in range(line - 1, -1, -1):
-        depth += lines[k].count("}") - lines[k].count("{")
-        if depth < 0:
-            return block_end(lines, k)
-    return None
-
-
 def _one_index(body: list[str]) -> str | None:
     """The one index expression every pointer of ``body`` is reached at (None: several, or a
     pointer reached otherwise)."""
     seen = set()
     for s in body:
-        for found in _POINTER.finditer(s):
+        for found in POINTER.finditer(s):
             rest = s[found.end() :]
             if not rest.startswith(" + static_cast<int64_t>("):
                 return None
-            expr = _parenthesised(rest, len(" + static_cast<int64_t>"))
+            expr = parenthesised(rest, len(" + static_cast<int64_t>"))
             if expr is None:
                 return None
             seen.add(expr)
@@ -266,7 +227,7 @@ def _one_index(body: list[str]) -> str | None:
 def _loads_of_width(body: list[str], index: str, step: int) -> bool:
     """Whether every load of ``body`` is a vector load of ``step`` entries at ``index``."""
     for s in body:
-        for found in _POINTER.finditer(s):
+        for found in POINTER.finditer(s):
             start = s[: found.start()]
             tail = f"{found.group(0)} + static_cast<int64_t>{index}"
             if start.endswith("__builtin_prefetch("):
@@ -283,22 +244,10 @@ def _stores_of_width(body: list[str], index: str, step: int) -> bool:
     for s in body:
         if ".store(" not in s and "] =" not in s:
             continue
-        found = _STORE.search(s)
-        if found is None or found.group(2) not in (index, f"{index}, static_cast<int64_t>({step})"):
+        found = VECTOR_STORE.search(s)
+        if found is None or found.group(2) != index or found.group(3) not in (None, str(step)):
             return False
     return True
-
-
-def _parenthesised(text: str, at: int) -> str | None:
-    """The balanced ``(...)`` starting at ``text[at]``."""
-    if at >= len(text) or text[at] != "(":
-        return None
-    depth = 0
-    for k in range(at, len(text)):
-        depth += (text[k] == "(") - (text[k] == ")")
-        if depth == 0:
-            return text[at : k + 1]
-    return None
 
 
 def _renaming(
@@ -313,7 +262,7 @@ def _renaming(
         by_buffer.setdefault(aliases[p], p)
     rename = {}
     for s in sums:
-        for p in _POINTER.findall(s):
+        for p in POINTER.findall(s):
             if p not in aliases:
                 return None
             rename[p] = by_buffer.get(aliases[p], p)
@@ -321,23 +270,8 @@ def _renaming(
 
 
 def _pointers(line: str, rename: dict[str, str]) -> str:
-    return _POINTER.sub(lambda m: rename.get(m.group(0), m.group(0)), line)
+    return POINTER.sub(lambda m: rename.get(m.group(0), m.group(0)), line)
 
 
 def _sums_name(line: str) -> str:
     return _TMP.sub(lambda m: f"{_RENAMED}{m.group(1)}", line)
-
-
-def _no_prefetch(line: str) -> str:
-    """``(__builtin_prefetch(a, 0, 3), load)`` -> ``load`` (the update loop prefetches the
-    same lines)."""
-    while (at := line.find(_PREFETCH)) >= 0:
-        group = _parenthesised(line, at)
-        inner = _parenthesised(line, at + 1 + len("__builtin_prefetch"))
-        if group is None or inner is None:
-            return line
-        rest = group[1 + len("__builtin_prefetch") + len(inner) :]
-        if not rest.startswith(", "):
-            return line
-        line = line[:at] + rest[2:-1] + line[at + len(group) :]
-    return line

@@ -34,8 +34,18 @@ from __future__ import annotations
 
 import re
 
-from adamkit.execution.hoisting import block_end
-from adamkit.execution.merging import _DEFINITION, _FOR, _POINTER, _Loop, _no_prefetch
+from adamkit.execution.cpp_source import (
+    DEFINITION,
+    LITERAL_FOR,
+    POINTER,
+    VECTOR_LOAD,
+    VECTOR_STORE,
+    InnermostLoop,
+    block_end,
+    enclosing_block,
+    indent,
+    no_prefetch,
+)
 
 _TMP = re.compile(r"\btmp\d+\b")
 _LOAD = "::loadu("
@@ -48,13 +58,6 @@ _SAME_TYPE = re.compile(r"^decltype\((tmp\d+)\)::blendv\(|^(tmp\d+)\.(?:abs|sqrt
 _BINARY = re.compile(r"^(tmp\d+) [-+*/] (tmp\d+)$")
 _UNARY = re.compile(r"^tmp\d+\.(?:abs|neg)\(\)$")
 _STORE = re.compile(r"\.store\(((?:in_out|in|out)_ptr\d+) ")
-_STORE_AT = re.compile(
-    r"\.store\(((?:in_out|in|out)_ptr\d+) \+ static_cast<int64_t>(\(.*?\))"
-    r"(?:, static_cast<int64_t>\(\d+\))?\);$"
-)
-_VECTOR_LOAD = re.compile(
-    r"::loadu\(((?:in_out|in|out)_ptr\d+) \+ static_cast<int64_t>(\(.*?\)), static_cast<int64_t>"
-)
 _SCALAR_STORE = re.compile(r"^\s*((?:in_out|in|out)_ptr\d+)\[[^\]]*\] = ")
 
 
@@ -67,7 +70,7 @@ def share_row_values(source: str, aliases: dict[str, str]) -> str:
     edits: dict[int, list[str]] = {}  # line -> replacement lines
     count = 0
     for k, line in enumerate(lines):
-        first = _Loop(lines, k) if _FOR.match(line) else None
+        first = InnermostLoop(lines, k) if LITERAL_FOR.match(line) else None
         if first is None or not first.ok:
             continue
         second = _next_loop(lines, first)
@@ -79,26 +82,26 @@ def share_row_values(source: str, aliases: dict[str, str]) -> str:
         scope = _scope(lines, first.at, second.end)
         if scope is None or any(x in edits for x in (scope, first.at, second.at)):
             continue
-        _, start, end, step = _FOR.match(lines[first.at]).groups()
+        _, start, end, step = LITERAL_FOR.match(lines[first.at]).groups()
         vector = "at::vec::Vectorized<float>::loadu("
         if int(start) != 0 or int(end) > 4096:
             continue
         if not any(vector in x and f"static_cast<int64_t>({step}))" in x for x in second.body):
             continue  # no evidence that a float vector holds ``step`` entries here
         end = int(end)
-        pad = lines[scope][: len(lines[scope]) - len(lines[scope].lstrip())] + "    "
+        pad = indent(lines[scope]) + "    "
         decls = []
-        var = _FOR.match(lines[first.at]).group(1)
+        var = LITERAL_FOR.match(lines[first.at]).group(1)
         for source_line, target_line, name_s, name_m in shared:
             buf = f"abuf{count}"
             count += 1
             decls.append(f"{pad}alignas(64) float {buf}[{end}];")
             at = f"{buf} + static_cast<int64_t>({var})"
             edits.setdefault(source_line, [lines[source_line]]).append(
-                f"{_indent(lines[source_line])}{name_s}.store({at});"
+                f"{indent(lines[source_line])}{name_s}.store({at});"
             )
             edits[target_line] = [
-                f"{_indent(lines[target_line])}auto {name_m} = "
+                f"{indent(lines[target_line])}auto {name_m} = "
                 f"at::vec::Vectorized<float>::loadu({at}, static_cast<int64_t>({step}));"
             ]
         edits[scope] = [lines[scope], *decls]
@@ -110,17 +113,13 @@ def share_row_values(source: str, aliases: dict[str, str]) -> str:
     return "\n".join(out)
 
 
-def _indent(line: str) -> str:
-    return line[: len(line) - len(line.lstrip())]
-
-
-def _next_loop(lines: list[str], first: _Loop) -> _Loop | None:
+def _next_loop(lines: list[str], first: InnermostLoop) -> InnermostLoop | None:
     """The next innermost loop after ``first`` with the same header, when no other loop lies
     between them."""
     for k in range(first.end + 1, len(lines)):
         text = lines[k].strip()
         if text.startswith("for"):
-            loop = _Loop(lines, k)
+            loop = InnermostLoop(lines, k)
             return loop if loop.ok and loop.header == first.header else None
         if text.startswith("#pragma omp"):
             return None
@@ -129,14 +128,12 @@ def _next_loop(lines: list[str], first: _Loop) -> _Loop | None:
 
 def _scope(lines: list[str], first: int, last: int) -> int | None:
     """The ``{`` line of the innermost block holding lines ``first`` to ``last``."""
-    depth = 0
-    for k in range(first - 1, -1, -1):
-        depth += lines[k].count("}") - lines[k].count("{")
-        if depth < 0:  # line k opens a block that holds ``first``
-            close = block_end(lines, k)
-            if lines[k].strip() == "{" and close is not None and close >= last:
-                return k
-            depth = 0
+    k = enclosing_block(lines, first)
+    while k >= 0:
+        close = block_end(lines, k)
+        if lines[k].strip() == "{" and close is not None and close >= last:
+            return k
+        k = enclosing_block(lines, k)
     return None
 
 
@@ -144,7 +141,7 @@ def _definitions(lines: list[str], start: int, end: int) -> dict[str, str]:
     """name -> right-hand side of the ``auto tmpN = ...;`` lines in ``[start, end)``."""
     out = {}
     for k in range(start, end):
-        found = _DEFINITION.match(lines[k])
+        found = DEFINITION.match(lines[k])
         if found is not None:
             out[found.group(1)] = found.group(2)
     return out
@@ -164,23 +161,23 @@ class _Canon:
         if rhs is None or depth > 200:
             text = f"@{name}"  # from outside both loops: the same variable on both sides
         else:
-            rhs = _no_prefetch(rhs)
-            rhs = _POINTER.sub(lambda m: f"${self.aliases.get(m.group(0), m.group(0))}", rhs)
+            rhs = no_prefetch(rhs)
+            rhs = POINTER.sub(lambda m: f"${self.aliases.get(m.group(0), m.group(0))}", rhs)
             text = _TMP.sub(lambda m: f"#{self.of(m.group(0), defs, memo, depth + 1)}", rhs)
         memo[name] = self.ids.setdefault(text, len(self.ids))
         return memo[name]
 
 
-def _shared(lines: list[str], first: _Loop, second: _Loop, aliases: dict[str, str]):
+def _shared(lines: list[str], first: InnermostLoop, second: InnermostLoop, aliases: dict[str, str]):
     """[(line of the value in the first loop, line of it in the second, its name in each)]."""
     body_s = range(first.at + 5, first.end - 2)
     body_m = range(second.at + 5, second.end - 2)
-    var = _FOR.match(lines[first.at]).group(1)
+    var = LITERAL_FOR.match(lines[first.at]).group(1)
     # the buffers the second loop stores to, each at one index that moves with the loop
     # (an iteration's own elements): where a value loads from one, only at that index
     written: dict[str, set[str]] = {}
     for k in body_m:
-        found = _STORE_AT.search(lines[k])
+        found = VECTOR_STORE.search(lines[k])
         if found is not None:
             written.setdefault(aliases.get(found.group(1), found.group(1)), set()).add(
                 found.group(2)
@@ -198,7 +195,7 @@ def _shared(lines: list[str], first: _Loop, second: _Loop, aliases: dict[str, st
     own = [k for k in body_m if _STORE.search(lines[k])]
     if any(_SCALAR_STORE.match(lines[k]) for k in body_m):
         return []
-    if own and any(_DEFINITION.match(lines[k]) for k in body_m if k > own[0]):
+    if own and any(DEFINITION.match(lines[k]) for k in body_m if k > own[0]):
         return []
     scope_s = _scope(lines, first.at, first.end)
     if scope_s is None:
@@ -210,15 +207,15 @@ def _shared(lines: list[str], first: _Loop, second: _Loop, aliases: dict[str, st
     memo_m: dict[str, int] = {}
     in_s: dict[int, tuple[str, int]] = {}
     for k in body_s:
-        found = _DEFINITION.match(lines[k])
+        found = DEFINITION.match(lines[k])
         if found is not None:
             in_s.setdefault(canon.of(found.group(1), defs_s, memo_s), (found.group(1), k))
     matched: dict[str, int] = {}
     for k in body_m:
-        found = _DEFINITION.match(lines[k])
+        found = DEFINITION.match(lines[k])
         if found is not None and canon.of(found.group(1), defs_m, memo_m) in in_s:
             matched[found.group(1)] = k
-    kept = [k for k in body_m if not (_DEFINITION.match(lines[k]) and k in matched.values())]
+    kept = [k for k in body_m if not (DEFINITION.match(lines[k]) and k in matched.values())]
     shared: list[str] = []
     done: set[str] = set()
     while True:
@@ -226,7 +223,7 @@ def _shared(lines: list[str], first: _Loop, second: _Loop, aliases: dict[str, st
             name
             for name in matched
             if name not in done
-            and any(re.search(rf"\b{name}\b", _no_prefetch(lines[k])) for k in kept)
+            and any(re.search(rf"\b{name}\b", no_prefetch(lines[k])) for k in kept)
         ]
         if not frontier:
             break
@@ -259,9 +256,9 @@ def _loads(name: str, defs: dict[str, str], seen: set[str] | None = None) -> set
     if name in seen or name not in defs:
         return set()
     seen.add(name)
-    rhs = _no_prefetch(defs[name])
-    out = {(found.group(1), found.group(2)) for found in _VECTOR_LOAD.finditer(rhs)}
-    out |= {(p, None) for p in _POINTER.findall(rhs)} - {(p, None) for p, _ in out}
+    rhs = no_prefetch(defs[name])
+    out = {(found.group(1), found.group(2)) for found in VECTOR_LOAD.finditer(rhs)}
+    out |= {(p, None) for p in POINTER.findall(rhs)} - {(p, None) for p, _ in out}
     for child in _TMP.findall(rhs):
         out |= _loads(child, defs, seen)
     return out
@@ -272,7 +269,7 @@ def _type(name: str, defs: dict[str, str], memo: dict[str, str | None]) -> str |
     if name in memo:
         return memo[name]
     memo[name] = None
-    rhs = _no_prefetch(defs.get(name, ""))
+    rhs = no_prefetch(defs.get(name, ""))
     kind = None
     if rhs.startswith(_FLOAT_SOURCES):
         kind = "float"

@@ -1,0 +1,118 @@
+"""What adamkit's text passes read in the C++ source of inductor's CPU kernels.
+
+The passes (:mod:`adamkit.execution.hoisting`, :mod:`~adamkit.execution.barriers`,
+:mod:`~adamkit.execution.merging`, :mod:`~adamkit.execution.sharing`) rewrite the source that
+inductor's C++ backend writes before it is compiled. They share the forms of that source
+defined here: kernel pointers, single-assignment temporaries, loops with literal bounds, vector
+loads and stores at an index, blocks, and the shape of an innermost vector loop.
+"""
+
+from __future__ import annotations
+
+import re
+
+POINTER = re.compile(r"\b(?:in_out|in|out)_ptr\d+\b")
+"""A kernel argument: ``in_ptr3``, ``out_ptr9``, ``in_out_ptr0``."""
+DEFINITION = re.compile(r"^\s*auto (tmp\d+) = (.*);$")
+"""``auto tmpN = rhs;`` (name, right-hand side)."""
+ANY_FOR = re.compile(r"^\s*for\s*\(")
+LITERAL_FOR = re.compile(
+    r"^\s*for\(int64_t (x\d+)=static_cast<int64_t>\((-?\d+)L\); \1<static_cast<int64_t>"
+    r"\((-?\d+)L\); \1\+=static_cast<int64_t>\((\d+)L\)\)\s*$"
+)
+"""A loop header with literal bounds and step (variable, start, end, step)."""
+VECTOR_LOAD = re.compile(
+    r"::loadu\(((?:in_out|in|out)_ptr\d+) \+ static_cast<int64_t>(\(.*?\)), "
+    r"static_cast<int64_t>\((\d+)\)\)"
+)
+"""A vector load (pointer, parenthesised index, entries)."""
+VECTOR_STORE = re.compile(
+    r"\.store\(((?:in_out|in|out)_ptr\d+) \+ static_cast<int64_t>(\(.*?\))"
+    r"(?:, static_cast<int64_t>\((\d+)\))?\);$"
+)
+"""A vector store ending a line (pointer, parenthesised index, entries or None: a whole
+vector)."""
+_PREFETCH = "(__builtin_prefetch("
+
+
+def indent(line: str) -> str:
+    return line[: len(line) - len(line.lstrip())]
+
+
+def block_end(lines: list[str], open_line: int) -> int | None:
+    """Index of the line that closes the block opened at ``open_line`` (None: unclosed)."""
+    depth = 0
+    for k in range(open_line, len(lines)):
+        depth += lines[k].count("{") - lines[k].count("}")
+        if depth == 0:
+            return k
+    return None
+
+
+def enclosing_block(lines: list[str], line: int) -> int:
+    """Index of the line that opens the innermost block holding ``line`` (-1: none)."""
+    depth = 0
+    for k in range(line - 1, -1, -1):
+        depth += lines[k].count("}") - lines[k].count("{")
+        if depth < 0:
+            return k
+    return -1
+
+
+def parenthesised(text: str, at: int) -> str | None:
+    """The balanced ``(...)`` starting at ``text[at]`` (None: no such group)."""
+    if at >= len(text) or text[at] != "(":
+        return None
+    depth = 0
+    for k in range(at, len(text)):
+        depth += (text[k] == "(") - (text[k] == ")")
+        if depth == 0:
+            return text[at : k + 1]
+    return None
+
+
+def no_prefetch(line: str) -> str:
+    """``(__builtin_prefetch(a, 0, 3), load)`` -> ``load``."""
+    while (at := line.find(_PREFETCH)) >= 0:
+        group = parenthesised(line, at)
+        inner = parenthesised(line, at + 1 + len("__builtin_prefetch"))
+        if group is None or inner is None:
+            return line
+        rest = group[1 + len("__builtin_prefetch") + len(inner) :]
+        if not rest.startswith(", "):
+            return line
+        line = line[:at] + rest[2:-1] + line[at + len(group) :]
+    return line
+
+
+class InnermostLoop:
+    """An innermost loop ``for(...) { { if(C10_LIKELY(...)) { lines } } }`` with literal
+    bounds at line ``at``; ``ok`` is False for any other shape."""
+
+    def __init__(self, lines: list[str], at: int) -> None:
+        self.at = at
+        self.header = lines[at].strip()
+        self.end = block_end(lines, at + 1)
+        self.body: list[str] = []
+        self.ok = False
+        if self.end is None or LITERAL_FOR.match(lines[at]) is None:
+            return
+        shape = [lines[j].strip() for j in range(at + 1, at + 5)]
+        tail = [lines[j].strip() for j in range(self.end - 2, self.end + 1)]
+        if shape[:2] != ["{", "{"] or not shape[2].startswith("if(C10_LIKELY("):
+            return
+        if shape[3] != "{" or tail != ["}", "}", "}"] or self.end - 2 <= at + 5:
+            return
+        body = lines[at + 5 : self.end - 2]
+        if any("{" in s or "}" in s or ANY_FOR.match(s) for s in body):
+            return
+        if any(not (DEFINITION.match(s) or s.strip().endswith(";")) for s in body):
+            return
+        self.condition = shape[2]
+        self.indent = indent(lines[at])
+        self.body = body
+        self.ok = True
+
+    @property
+    def step(self) -> int:
+        return int(LITERAL_FOR.match(self.header).group(4))
