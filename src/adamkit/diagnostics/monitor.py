@@ -165,6 +165,39 @@ class _Row:
         return self.entry.sampler
 
 
+class _Flags(NamedTuple):
+    """What each measured row is, as arrays (length T): built once per read, or once per
+    replay of steady reads (the rows and what they are do not change between its steps)."""
+
+    group: np.ndarray  # int64
+    numel: np.ndarray  # int64
+    k: np.ndarray  # int64: sample size
+    has_state: np.ndarray  # bool
+    fused: np.ndarray  # bool: the optimizer's full sums
+    has_delta: np.ndarray  # bool: its five norms
+    no_vmax: np.ndarray  # bool: the sample of v is raw v (no AMSGrad max)
+
+    @staticmethod
+    def of(rows: list[_Row]) -> _Flags:
+        table = np.array(
+            [
+                (
+                    r.entry.group,
+                    r.entry.numel,
+                    r.entry.k,
+                    r.m is not None,
+                    r.exact is not None,
+                    r.has_delta,
+                    r.vmax is None,
+                )
+                for r in rows
+            ],
+            dtype=np.int64,
+        ).reshape(len(rows), 7)
+        group, numel, k, *flags = table.T
+        return _Flags(group, numel, k, *(f.astype(bool) for f in flags))
+
+
 class _Hyper(NamedTuple):
     lr: float
     eps: float
@@ -261,6 +294,7 @@ class Monitor:
         self._layout: Layout | None = None
         self._warned_unfused = False
         self._steady: SteadyReads | None = None
+        self._steady_flags: _Flags | None = None  # the replay's rows, as _Flags
         self._replay = True  # replay steady reads (False: the general read every time)
         self._replays = 0  # sampled steps read by the replay
         self._handles = [
@@ -407,16 +441,29 @@ class Monitor:
             exact = np.full((len(rows), S.N_SUMS), np.nan)
             no_p0 = np.zeros(len(rows), dtype=bool)
             snap.layout.fused_last = steady.delta
+            flags = self._steady_flags
         else:
             rows, sampled, norms, delta, exact, steps_before, steps_after, no_p0 = self._read(
                 snap, fused, hyper
             )
             self._steady = None
+            flags = _Flags.of(rows)
             if self._replay:
                 self._steady = SteadyReads.of(snap.layout, rows, hyper, fused, self.exact)
-        nonfinite = self._nonfinite(rows, norms, delta, sampled, exact)
+                self._steady_flags = flags
+        nonfinite = self._nonfinite(rows, flags, norms, delta, sampled, exact)
         return self._assemble(
-            rows, sampled, norms, delta, exact, nonfinite, steps_before, steps_after, hyper, no_p0
+            rows,
+            flags,
+            sampled,
+            norms,
+            delta,
+            exact,
+            nonfinite,
+            steps_before,
+            steps_after,
+            hyper,
+            no_p0,
         )
 
     def _read(
@@ -573,6 +620,7 @@ class Monitor:
     def _assemble(
         self,
         rows: list[_Row],
+        flags: _Flags,
         samples: np.ndarray,
         norms: np.ndarray,
         delta: np.ndarray,
@@ -585,15 +633,13 @@ class Monitor:
     ) -> dict[str, Any]:
         n_groups = len(self.optimizer.param_groups)
         T = len(rows)
-        group = np.array([r.entry.group for r in rows], dtype=np.int64)
-        has_state = np.array([r.has_state for r in rows], dtype=bool)
+        group, numel, has_state = flags.group, flags.numel, flags.has_state
         updated = has_state & (steps_after != steps_before)
-        numel = np.array([r.entry.numel for r in rows], dtype=np.int64)
         table = np.array([(h.beta1, h.beta2, h.eps, h.lr) for h in hyper], dtype=np.float64)
         beta1, beta2, eps, lr = table[group].T if T else np.zeros((4, 0))
         batch = S.SampleBatch(
             samples,
-            np.array([r.entry.k for r in rows], dtype=np.int64),
+            flags.k,
             numel,
             updated,
             steps_after,
@@ -602,14 +648,14 @@ class Monitor:
             eps,
             lr,
         )
-        fused = np.flatnonzero([r.exact is not None for r in rows])
-        sampled = None if not len(fused) else np.flatnonzero([r.exact is None for r in rows])
+        fused = np.flatnonzero(flags.fused)
+        sampled = None if not len(fused) else np.flatnonzero(~flags.fused)
         root = S.sample_roots(batch)
         sums = S.batch_sums(batch, sampled, root)
         sums["grad_sq"], sums["m_sq"], sums["v_sq"] = norms.T.copy()
         sums["lag_grad_sq"] = np.where(updated, norms[:, 0], 0.0)
         S.use_exact_rows(sums, fused, exact[fused], updated[fused])
-        given = updated & np.array([r.has_delta for r in rows], dtype=bool)
+        given = updated & flags.has_delta
         if given.any():  # the optimizer's sums of p0^2 and dp^2 instead of the sample's
             sums["param_sq"][given], sums["delta_sq"][given] = delta[given].T
         if no_p0.any():  # sampled after the step only: the change of the param is unknown
@@ -697,6 +743,7 @@ class Monitor:
     @staticmethod
     def _nonfinite(
         rows: list[_Row],
+        flags: _Flags,
         norms: np.ndarray,
         delta: np.ndarray,
         samples: np.ndarray,
@@ -709,24 +756,28 @@ class Monitor:
         are global, so every rank takes the same decision; a strided shard's sample is local,
         so its counts are taken whenever it is measured from its sample.
         """
-        fused = np.array([row.exact is not None for row in rows], dtype=bool)
+        fused, given = flags.fused, flags.has_delta
         finite = np.isfinite(norms).all(axis=1)
-        given = np.array([row.has_delta for row in rows], dtype=bool)
         finite[given] &= np.isfinite(delta[given]).all(axis=1)
         if fused.any():
             columns = [getattr(S.COLUMNS, key) for key in S.FINITE_SUMS]
             finite[fused] &= np.isfinite(exact[fused][:, columns]).all(axis=1)
-        measured = np.flatnonzero(~fused)
         # a sum is finite exactly when its terms are (or when finite terms overflow: then the
-        # count below finds nothing)
+        # count below finds nothing). Rows whose five norms are finite need no look at their
+        # sample: it holds only m and v (no p with them), entries of the finite m and v those
+        # norms summed (not with AMSGrad: its sample of v is the max, which they did not sum)
+        covered = given & finite & flags.no_vmax
+        measured = np.flatnonzero(~fused & ~covered)
         with np.errstate(over="ignore", invalid="ignore"):
             if len(measured) == len(rows):  # one sum of everything first: no copy
                 if not np.isfinite(samples.sum()):
                     finite &= np.isfinite(samples.sum(axis=(1, 2)))
-            else:
+            elif len(measured):
                 finite[measured] &= np.isfinite(samples[measured].sum(axis=(1, 2)))
         local = [
-            i for i in measured.tolist() if rows[i].entry.shards and rows[i].sampler.shards is None
+            i
+            for i in np.flatnonzero(~fused).tolist()
+            if rows[i].entry.shards and rows[i].sampler.shards is None
         ]
         if local:
             finite[local] = False

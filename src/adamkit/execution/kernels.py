@@ -68,13 +68,15 @@ MINIFLOAT_OPTIONS: dict[str, Any] = {
 """Inductor config added for minifloat block-wise codecs: never store an intermediate for
 reuse."""
 
-SIGNAL_ROW = 128
-"""Elements per row of a signals kernel's float slots (a row of p, g, m, v: 2 KiB in fp32).
+SIGNAL_ROW = 1024
+"""Elements per row of a signals kernel's float slots (a row of p, g, m, v: 16 KiB in fp32).
 
-Each row is read once into L1 by the loop of its sums and then written by the loop of its
-update. Measured on a 16M-element fp32 slot, 2 threads (Intel Xeon, 2026-12-05), against 11.0
-ms for the plain kernel: rows of 32: 15.2 ms, 64: 13.1, 128: 11.9, 256: 13.0, 512: 13.9,
-1024: 14.0, 4096: 15.0 (docs/benchmarks.md)."""
+The row's sums share the loop that writes the row (:mod:`adamkit.execution.merging`): each
+row ends with one horizontal sum per column and a store of the row's sums, which longer rows
+make rarer. Measured on 16.8M fp32 params in 35 tensors, 2 threads (AMD EPYC, 2026-12-07),
+sampled step against plain step, alternating in one process: rows of 128 +1.04 ms, 512 +0.99,
+1024 +0.86, 2048 +0.92 (and in a second run 128 +1.42, 1024 +1.21). Before the sums were
+merged into the update loop a row had to stay in L1 between two loops, and 128 was best."""
 
 MOMENT_NAMES = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 
