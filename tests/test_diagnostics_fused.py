@@ -167,7 +167,7 @@ def train(net: nn.Module, opt, monitor: Monitor, steps: int, nan_at: int | None 
 
 def by_hand_record(net, opt, before, t) -> dict[str, dict[str, float]]:
     """Per-tensor signals from the full tensors, in float64 (the eff-lr percentiles from the
-    Monitor's strided sample of v)."""
+    Monitor's sample of v)."""
     out = {}
     for name, p in net.named_parameters():
         group = opt.param_groups[0]
@@ -177,7 +177,7 @@ def by_hand_record(net, opt, before, t) -> dict[str, dict[str, float]]:
         sums = by_hand_sums(before[name], p.detach(), p.grad, st["exp_avg"], st["exp_avg_sq"],
                             vmax, bc1, bc2, group["eps"])  # fmt: skip
         used = (st["exp_avg_sq"] if vmax is None else vmax).double().numpy().ravel()
-        sample = used[:: S.sample_stride(p.numel())]
+        sample = used[S.sample_positions(p.numel())]
         eff = group["lr"] / (np.sqrt(sample[sample > 0] / bc2) + group["eps"])
         out[name] = {
             "grad_norm": math.sqrt(sums["grad_sq"]),

@@ -187,7 +187,7 @@ def test_single_signal_definitions_by_hand() -> None:
 
 def _large_case():
     gen = torch.Generator().manual_seed(3)
-    shape = (300, 70)  # 21000 entries: the sample is strided
+    shape = (300, 70)  # 21000 entries: the sample is runs of adjacent entries
     p0 = torch.randn(shape, generator=gen)
     p1 = p0 + 1e-3 * torch.randn(shape, generator=gen)
     g = torch.randn(shape, generator=gen) * 1e-3
@@ -218,7 +218,7 @@ def test_fused_sums_are_exact() -> None:
     p0, p1, g, m, v, t, b1, b2, eps = _large_case()
     bc1, bc2 = S.bias_corrections(t, b1, b2)
     vec = S.fused_sums(p0, p1, g, m, v, None, bc1, bc2, eps).double().numpy()
-    rows = np.stack([S.strided(x, 43).numpy() for x in (p0, p1, g, m, v, v)])
+    rows = np.stack([S.sample_of(x).numpy() for x in (p0, p1, g, m, v, v)])
     got = S.tensor_signals(rows, numel=p0.numel(), grad_sq=0.0, m_sq=0.0, v_sq=0.0, step=t,
                            beta1=b1, beta2=b2, eps=eps, lr=0.1, exact=vec)  # fmt: skip
     want = _definitions(p0, p1, g, m, v, t, b1, b2, eps)
@@ -227,12 +227,16 @@ def test_fused_sums_are_exact() -> None:
         assert got[key] == pytest.approx(want[key], rel=1e-5), key
 
 
-def test_a_strided_sample_estimates_a_large_tensor() -> None:
+def test_a_sample_of_runs_estimates_a_large_tensor() -> None:
     p0, p1, g, m, v, t, b1, b2, eps = _large_case()
     stride = S.sample_stride(p0.numel())
-    assert stride == 43  # the smallest prime >= 21000 / 512
-    rows = np.stack([S.strided(x, stride).numpy() for x in (p0, p1, g, m, v, v)])
-    assert rows.shape == (6, math.ceil(21000 / 43))
+    assert stride == 8 * 43  # runs of 8, the smallest prime >= 21000 / 512 runs of 8 apart
+    rows = np.stack([S.sample_of(x).numpy() for x in (p0, p1, g, m, v, v)])
+    assert rows.shape == (6, 8 * ((21000 - 8) // stride + 1))  # every run that fits
+    # the sample is the entries at sample_positions, runs of 8 adjacent ones
+    positions = S.sample_positions(p0.numel())
+    assert list(positions[:10]) == [0, 1, 2, 3, 4, 5, 6, 7, stride, stride + 1]
+    assert np.array_equal(rows[3], m.numpy().ravel()[positions])
     got = S.tensor_signals(
         rows, numel=p0.numel(), grad_sq=float(g.square().sum()), m_sq=float(m.square().sum()),
         v_sq=float(v.square().sum()), step=t, beta1=b1, beta2=b2, eps=eps, lr=0.1,
@@ -254,13 +258,18 @@ def test_a_strided_sample_estimates_a_large_tensor() -> None:
 
 
 def test_the_sample_does_not_alias_onto_matrix_columns() -> None:
-    assert [S.sample_stride(n) for n in (1, 512, 513, 4096, 21000)] == [1, 1, 3, 11, 43]
-    # a 64 x 64 weight whose inputs 0, 8, 16, ... are dead: a stride of 8 would see only them
+    assert [S.sample_stride(n) for n in (1, 512, 513, 4096, 21000)] == [1, 1, 24, 88, 344]
+    assert S.sample_runs(512) == (1, 512, 512) and S.sample_runs(513) == (22, 8, 24)
+    # a 64 x 64 weight whose inputs 0, 8, 16, ... are dead: single entries 8 apart would see
+    # only them
     v = torch.full((64, 64), 1e-4)
     v[:, ::8] = 0.0
-    assert S.strided(v, 8).count_nonzero() == 0
-    sample = S.strided(v, S.sample_stride(v.numel()))
+    assert v.reshape(-1)[::8].count_nonzero() == 0
+    sample = S.sample_of(v)
     assert sample.count_nonzero() / sample.numel() == pytest.approx(7 / 8, abs=0.02)
+    # and the runs start in every eighth column: 88 = 8 x 11 walks them all (11 is odd)
+    starts = S.sample_positions(v.numel())[::8] % 64
+    assert set(starts.tolist()) == set(range(0, 64, 8))
 
 
 def test_percentiles_are_nearest_rank_and_weighted() -> None:

@@ -13,8 +13,10 @@ gradient, their groups, storage and shapes) changes. A sampled step then costs, 
   device (:class:`Transfer`), scattered into the ``[T, rows, K]`` array of
   :func:`adamkit.diagnostics.signals.batch_sums` with one fancy-indexed assignment.
 
-A sample view is one ``as_strided`` of a contiguous real tensor (``Sampler.take`` for the
-others: complex, non-contiguous, sharded); views of gradients and moments are made per step,
+A sample view is one ``as_strided`` of a contiguous real tensor: the whole tensor (1-d) or its
+runs (``[runs, SAMPLE_RUN]``; ``Sampler.take`` for the others: complex, non-contiguous,
+sharded). Views of the two shapes are concatenated apart (one ``torch.cat`` per (device,
+dtype, row shape)); views of gradients and moments are made per step,
 since those tensors may be new objects each step (``zero_grad(set_to_none=True)``, decoded
 compact state) and a cached view would keep them alive.
 """
@@ -55,15 +57,17 @@ class Entry:
     stored: tuple[Any, ...] | None = None
 
     def view(self, t: Tensor) -> Tensor:
-        """The sampled entries of ``t`` (the param, its gradient or a moment), a view when
-        ``t`` is contiguous."""
+        """The sampled entries of ``t`` (the param, its gradient or a moment): a view when
+        ``t`` is contiguous (1-d, or ``[runs, SAMPLE_RUN]``), else a 1-d copy; flattened,
+        the entries in the sample's order either way."""
         if self.plain and t.is_contiguous() and not t.is_complex():
-            return t.as_strided((self.sampler.size,), (self.sampler.stride,))
+            return self.sampler.view(t)
         return self.sampler.take(t)
 
 
 class Layout:
-    """The entries measured on a sampled step and the params' sample views, by (device, dtype).
+    """The entries measured on a sampled step and the params' sample views, by (device, dtype,
+    view shape: whole or runs).
 
     ``signature`` identifies it: the (group, index, id, storage, shape, dtype) of every param
     that has a gradient (every param when the step has a closure).
@@ -78,9 +82,11 @@ class Layout:
             for i, e in enumerate(entries):
                 p = e.param
                 if e.plain and p.is_contiguous():
-                    idx, views = buckets.setdefault((p.device, p.dtype), ([], []))
+                    view = e.view(p.detach())
+                    key = (p.device, p.dtype, view.shape[1:])
+                    idx, views = buckets.setdefault(key, ([], []))
                     idx.append(i)
-                    views.append(e.view(p.detach()))
+                    views.append(view)
                 else:
                     self.other.append(i)
         self.param_views = list(buckets.values())
@@ -117,13 +123,15 @@ class Layout:
         return cls(signature, entries)
 
     def sample_cats(self) -> list[tuple[list[int], Tensor]]:
-        """The sampled entries of the params now (a copy), but for :attr:`other`: one
-        ``torch.cat`` per (device, dtype), with the entry indices in its order."""
-        return [(idx, torch.cat(views)) for idx, views in self.param_views]
+        """The sampled entries of the params now (a 1-d copy), but for :attr:`other`: one
+        ``torch.cat`` per bucket of :attr:`param_views`, with the entry indices in its order."""
+        return [(idx, torch.cat(views).reshape(-1)) for idx, views in self.param_views]
 
     def sample_others(self) -> dict[int, Tensor]:
         """The sampled entries of the params of :attr:`other` now (a copy), by entry."""
-        return {i: self.entries[i].view(self.entries[i].param).clone() for i in self.other}
+        return {
+            i: self.entries[i].view(self.entries[i].param).reshape(-1).clone() for i in self.other
+        }
 
 
 def tensor_norms(tensors: list[Tensor], dtype: torch.dtype) -> Tensor:
@@ -144,8 +152,9 @@ def tensor_norms(tensors: list[Tensor], dtype: torch.dtype) -> Tensor:
 
 
 class Transfer:
-    """Tensors to move to the host together: one ``torch.cat`` and one copy per (device,
-    dtype), converted to float64 on the host.
+    """Tensors to move to the host together: one ``torch.cat`` (along dim 0: tensors of one
+    shape past it go together) and one copy per (device, dtype, trailing shape), converted to
+    float64 on the host.
 
     Nothing is converted on the device: a dtype conversion is an elementwise op that torch
     parallelises above 32768 entries, and on a busy machine a parallel region can wait
@@ -158,10 +167,11 @@ class Transfer:
         self._host: dict[tuple, np.ndarray] = {}
 
     def add(self, t: Tensor | list[Tensor], n: int | None = None) -> tuple[tuple, int, int]:
-        """Queue ``t`` (any shape; a list: 1-d tensors of one device and dtype, end to end);
-        returns the handle of its values. ``n``: their number of entries, when known."""
+        """Queue ``t`` (any shape; a list: tensors of one device, dtype and shape past dim 0,
+        end to end); returns the handle of its values, flattened. ``n``: their number of
+        entries, when known."""
         parts = t if isinstance(t, list) else [t.reshape(-1)]
-        key = (parts[0].device, parts[0].dtype)
+        key = (parts[0].device, parts[0].dtype, parts[0].shape[1:])
         if n is None:
             n = sum(x.numel() for x in parts)
         offset = self._sizes.get(key, 0)
@@ -170,7 +180,9 @@ class Transfer:
         return key, offset, n
 
     def fetch(self) -> None:
-        self._host = {key: _host_float64(torch.cat(ps)) for key, ps in self._parts.items()}
+        self._host = {
+            key: _host_float64(torch.cat(ps).reshape(-1)) for key, ps in self._parts.items()
+        }
         self._parts = {}
 
     def get(self, handle: tuple[tuple, int, int]) -> np.ndarray:
@@ -188,15 +200,17 @@ def _host_float64(t: Tensor) -> np.ndarray:
 
 
 class Samples:
-    """Sample rows of many tensors, queued as (row, kind, 1-d tensor) and gathered with one
-    ``torch.cat`` per (device, dtype); :meth:`scatter` writes them into ``[T, rows, K]``."""
+    """Sample rows of many tensors, queued as (row, kind, sample: 1-d or runs) and gathered
+    with one ``torch.cat`` per (device, dtype, shape past dim 0); :meth:`scatter` writes them
+    into ``[T, rows, K]``."""
 
     def __init__(self) -> None:
         self._by_key: dict[tuple, tuple[list[int], list[int], list[Tensor]]] = {}
         self._queued: list[tuple[tuple, np.ndarray, np.ndarray, np.ndarray]] = []
 
     def add(self, row: int, kind: int, t: Tensor) -> None:
-        rows, kinds, ts = self._by_key.setdefault((t.device, t.dtype), ([], [], []))
+        key = (t.device, t.dtype, t.shape[1:])
+        rows, kinds, ts = self._by_key.setdefault(key, ([], [], []))
         rows.append(row)
         kinds.append(kind)
         ts.append(t)

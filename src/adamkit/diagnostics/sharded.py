@@ -1,15 +1,16 @@
 r"""The Monitor's sample of a sharded (DTensor) param: the unsharded run's entries, gathered.
 
-The Monitor samples the entries of a tensor whose flat, row-major index ``i`` (real view) has
-``i % stride == 0``, with ``stride = signals.sample_stride(n)`` for the tensor's ``n`` entries.
-Under sharding (FSDP2, tensor parallel) ``n`` is the *full* tensor's size and ``i`` the global
-index: a rank takes the sampled entries that fall in its shard (where they lie comes from
-:func:`adamkit.storage.shards.shard_start`) and writes each into slot ``i // stride`` of a
-zero-filled vector of ``ceil(n / stride)`` slots. One all-reduce (sum) over the mesh dims
-along which the param is sharded fills every slot, so that every rank holds exactly the sample
-the unsharded run takes, in the same order, and computes the same signals from it (up to the
-fp32 rounding of the values themselves). A sample is at most ``signals.SAMPLE`` entries of six
-rows: the all-reduce moves a few tens of kB per tensor, once per sampled step.
+The Monitor samples the entries of a tensor at the flat, row-major indices (real view) of
+``signals.sample_positions(n)`` for the tensor's ``n`` entries: all of them, or runs of
+``signals.SAMPLE_RUN`` adjacent entries ``stride`` apart. Under sharding (FSDP2, tensor
+parallel) ``n`` is the *full* tensor's size and the indices global: a rank takes the sampled
+entries that fall in its shard (where they lie comes from
+:func:`adamkit.storage.shards.shard_start`; a run may straddle two shards) and writes each
+into its slot of a zero-filled vector of the sample's size. One all-reduce (sum) over the mesh
+dims along which the param is sharded fills every slot, so that every rank holds exactly the
+sample the unsharded run takes, in the same order, and computes the same signals from it (up
+to the fp32 rounding of the values themselves). A sample is at most ``signals.SAMPLE``
+entries of six rows: the all-reduce moves a few tens of kB per tensor, once per sampled step.
 
 Exact sums (norms) need no sample: the Monitor adds the shards' sums with one all-reduce. The
 non-finite counts, taken when a norm or the sample shows a NaN/inf, are added up the same way.
@@ -22,7 +23,6 @@ counts are taken on every sampled step and added up over the ranks.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,58 +52,73 @@ def shard_groups(t: Tensor) -> tuple[Any, tuple[int, ...]] | None:
 class Sampler:
     """Which entries of a param (its local shard, for a DTensor) feed the Monitor's sample.
 
-    The local entries taken are ``flat[first::stride]`` (``positions is None``) or
-    ``flat[positions]``; they go to the global sample's slots ``slot0, slot0 + 1, ...`` or
-    ``slots``. ``shards`` is the param's (mesh, sharded mesh dims) when the sample is to be
-    completed by an all-reduce, else None (plain or replicated params, and strided shards,
-    whose sample is local: ``local_only``).
+    Unsharded (``positions is None``): the ``runs`` runs of ``run`` adjacent entries,
+    ``stride`` apart, of the flat tensor (:func:`adamkit.diagnostics.signals.sample_runs`).
+    Sharded: the local entries ``flat[positions]``, which go to the global sample's ``slots``.
+    ``size`` is the number of entries in the sample this rank ends up with. ``shards`` is the
+    param's (mesh, sharded mesh dims) when the sample is to be completed by an all-reduce, else
+    None (plain or replicated params, and strided shards, whose sample is local:
+    ``local_only``).
     """
 
+    runs: int
+    run: int
     stride: int
-    size: int  # entries in the sample this rank ends up with
-    first: int = 0
-    slot0: int = 0
+    size: int
     positions: Tensor | None = None
     slots: Tensor | None = None
     shards: tuple[Any, tuple[int, ...]] | None = None
     local_only: bool = False
 
+    def view(self, t: Tensor) -> Tensor:
+        """The sampled entries of a contiguous real tensor ``t`` without a copy: 1-d when it
+        is sampled whole, else ``[runs, run]``."""
+        if self.runs == 1:
+            return t.as_strided((self.run,), (1,))
+        return t.as_strided((self.runs, self.run), (self.stride, 1))
+
     def take(self, t: Tensor) -> Tensor:
-        """The sampled local entries of ``t`` (a param, its grad or a moment, any layout)."""
+        """The sampled local entries of ``t`` (a param, its grad or a moment, any layout), 1-d."""
         flat = _real(t).reshape(-1)
         if self.positions is None:
-            return flat[self.first :: self.stride]
+            return self.view(flat).reshape(-1)
         return flat[self.positions]
 
     def place_(self, buffer: Tensor, values: Tensor) -> None:
         """Write local sampled entries ``values`` ([rows, local count]) into their slots of
         ``buffer`` ([rows, size])."""
-        if self.slots is None:
-            buffer[:, self.slot0 : self.slot0 + values.shape[1]] = values
-        else:
-            buffer[:, self.slots] = values
+        buffer[:, self.slots] = values
 
 
 def sampler_for(param: Tensor) -> Sampler:
-    """The :class:`Sampler` of ``param``: every ``stride``-th entry of the full tensor."""
+    """The :class:`Sampler` of ``param``: the entries of ``signals.sample_positions`` of the
+    full tensor."""
     lp = _real(param)
     groups = shard_groups(param)
     start = shard_start(param) if groups is not None else None
     if groups is None or start is None:
-        stride = S.sample_stride(lp.numel())
-        size = len(range(0, lp.numel(), stride))
-        return Sampler(stride, size, local_only=groups is not None)
+        runs, run, stride = S.sample_runs(lp.numel())
+        return Sampler(runs, run, stride, runs * run, local_only=groups is not None)
     numel = param.numel() * (2 if param.is_complex() else 1)
-    stride = S.sample_stride(numel)
-    size = math.ceil(numel / stride)
-    if isinstance(start, int):
-        first = (-start) % stride
-        return Sampler(stride, size, first=first, slot0=(start + first) // stride, shards=groups)
-    positions = torch.nonzero(start % stride == 0).reshape(-1)
-    slots = start[positions] // stride
+    runs, run, stride = S.sample_runs(numel)
+    if isinstance(start, int):  # a contiguous range of the flat tensor
+        wanted = torch.from_numpy(S.sample_positions(numel))
+        inside = (wanted >= start) & (wanted < start + lp.numel())
+        positions = wanted[inside] - start
+        slots = torch.nonzero(inside).reshape(-1)
+    else:  # the global index of every local entry
+        j, r = start // stride, start % stride
+        positions = torch.nonzero((j < runs) & (r < run)).reshape(-1)
+        slots = (j * run + r)[positions]
     device = lp.device
     return Sampler(
-        stride, size, positions=positions.to(device), slots=slots.to(device), shards=groups
+        runs,
+        run,
+        stride,
+        runs * run,
+        positions=positions.to(device),
+        slots=slots.to(device),
+        shards=groups,
     )
 
 

@@ -19,9 +19,9 @@ taken here). Anything else,
 including a new layout of params, AMSGrad switched on or off, ``load_state_dict`` (the Monitor
 drops the replay then, so that no view keeps replaced moments alive), sends the step back to
 the general read, which may build a new replay. Both give the same numbers (tested); this one
-spends its time in the gather itself: one ``torch.cat`` per (device, dtype) and one copy to the
-host, about 5 ns per sampled entry on a CPU, as each entry of a strided sample of a tensor
-larger than the caches is a cache miss of its own.
+spends its time in the gather itself: one ``torch.cat`` per (device, dtype, view shape) and one
+copy to the host; each run of a sample of a tensor larger than the caches is a cache miss of
+its own (0.22 ms for m and v of 35 tensors after a step on a CPU).
 """
 
 from __future__ import annotations
@@ -73,13 +73,16 @@ class SteadyReads:
             (views, self._dest(r, np.full(len(r), ROW["p1"])))
             for r, (_, views) in zip(param_rows, layout.param_views)
         ]
-        # m and v (the v the denominator used): one list of views per (device, dtype)
+        # m and v (the v the denominator used): one list of views per (device, dtype, view
+        # shape: whole or runs)
         groups: dict[tuple, tuple[list[Tensor], list[int], list[int]]] = {}
         for i, row in enumerate(rows):
             v = row.v if row.vmax is None else row.vmax
             for kind, t in ((ROW["m"], row.m), (ROW["v"], v)):
-                views, rs, kinds = groups.setdefault((t.device, t.dtype), ([], [], []))
-                views.append(row.entry.view(t))
+                view = row.entry.view(t)
+                key = (t.device, t.dtype, view.shape[1:])
+                views, rs, kinds = groups.setdefault(key, ([], [], []))
+                views.append(view)
                 rs.append(i)
                 kinds.append(kind)
         self.groups += [
