@@ -651,11 +651,11 @@ class Monitor:
         fused = np.flatnonzero(flags.fused)
         sampled = None if not len(fused) else np.flatnonzero(~flags.fused)
         root = S.sample_roots(batch)
-        sums = S.batch_sums(batch, sampled, root)
+        given = updated & flags.has_delta  # the optimizer's sum p0^2 and sum dp^2
+        sums = S.batch_sums(batch, sampled, root, params=not given.all())
         sums["grad_sq"], sums["m_sq"], sums["v_sq"] = norms.T.copy()
         sums["lag_grad_sq"] = np.where(updated, norms[:, 0], 0.0)
         S.use_exact_rows(sums, fused, exact[fused], updated[fused])
-        given = updated & flags.has_delta
         if given.any():  # the optimizer's sums of p0^2 and dp^2 instead of the sample's
             sums["param_sq"][given], sums["delta_sq"][given] = delta[given].T
         if no_p0.any():  # sampled after the step only: the change of the param is unknown

@@ -418,14 +418,18 @@ def sample_roots(b: SampleBatch) -> np.ndarray:
 
 
 def batch_sums(
-    b: SampleBatch, rows: np.ndarray | None = None, root: np.ndarray | None = None
+    b: SampleBatch,
+    rows: np.ndarray | None = None,
+    root: np.ndarray | None = None,
+    params: bool = True,
 ) -> dict[str, np.ndarray]:
     """Per-tensor sums (each an array of length T; sampled sums scaled by n / k).
 
     Only the tensors ``rows`` (default: all) are summed from their samples; the sampled sums
     of the others are left at 0, for exact ones (:func:`use_exact_rows`) to replace. The
     exact ``grad_sq``, ``m_sq``, ``v_sq`` and ``lag_grad_sq`` are left at 0 for the caller.
-    ``root``: :func:`sample_roots` of ``b``, when the caller has it.
+    ``root``: :func:`sample_roots` of ``b``, when the caller has it. ``params=False`` leaves
+    ``param_sq`` and ``delta_sq`` at 0 too (the caller has them: the sample holds no p).
     """
     T = len(b.k)
     sums = {key: np.zeros(T) for key in ADDITIVE}
@@ -454,7 +458,6 @@ def batch_sums(
         eps = b.eps[rows][:, None]
         root = (sample_roots(b) if root is None else root)[rows]
         u = rule.normalized_update(m, v, bc1, bc2, eps, root)
-        delta = p1 - p0
         active = root > 0 if upd is None else upd & (root > 0)
 
         def total(x: np.ndarray) -> np.ndarray:
@@ -465,9 +468,10 @@ def batch_sums(
                 return _weighted(w, np.einsum("ij,ij->i", x, x))
             return total(x * x)
 
+        if params:
+            sums["param_sq"][rows] = squares(p0)
+            sums["delta_sq"][rows] = squares(p1 - p0)
         for key, value in (
-            ("param_sq", squares(p0)),
-            ("delta_sq", squares(delta)),
             ("update_sq", squares(u)),
             ("v_hat_sum", total(v / bc2)),
             ("active", w * np.count_nonzero(active, axis=1)),
