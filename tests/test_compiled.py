@@ -492,8 +492,8 @@ def _with_and_without(monkeypatch, flag: str, text_pass: str, applied, run):
     real = getattr(kernels, text_pass)
     seen = []
 
-    def recording(source, aliases):
-        out = real(source, aliases)
+    def recording(source, *args):
+        out = real(source, *args)
         seen.append(applied(out, source))
         return out
 
@@ -532,6 +532,35 @@ def test_merged_sums_loops_change_no_bit(monkeypatch) -> None:
     assert set(opt.fused_signal_sums) == set(ps)
     for p, q in zip(ps, ref_ps):
         assert torch.equal(opt.fused_signal_sums[p], ref.fused_signal_sums[q]), p.shape
+        assert torch.equal(p, q), p.shape
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(opt.state[p][key], ref.state[q][key]), (p.shape, key)
+
+
+def test_contracted_sums_change_no_update_bit(monkeypatch) -> None:
+    """With kernels.CONTRACT_SUMS (adamkit.execution.contraction: the sums of squares
+    accumulated by fused multiply-adds) the params and moments are those of the kernels
+    without it, bit for bit, the sums agree to float32 rounding, and the pass did apply."""
+
+    def run():
+        ps = _model([(64, 128), (40, 110)])
+        opt = adamkit.AdamW(ps, lr=1e-2, weight_decay=0.1, backend="compiled")
+        opt.fused_signals = True
+        for step in range(3):
+            _set_grads(ps, step)
+            opt.fused_signals_request = step >= 1
+            opt.step()
+        return ps, opt
+
+    runs, contracted = _with_and_without(
+        monkeypatch, "CONTRACT_SUMS", "contract_sums", lambda out, src: "fmadd(" in out, run
+    )
+    assert contracted
+    (ps, opt), (ref_ps, ref) = runs
+    assert set(opt.fused_signal_sums) == set(ps)
+    for p, q in zip(ps, ref_ps):
+        got, want = opt.fused_signal_sums[p], ref.fused_signal_sums[q]
+        assert torch.allclose(got, want, rtol=1e-6, atol=0), (p.shape, got, want)
         assert torch.equal(p, q), p.shape
         for key in ("exp_avg", "exp_avg_sq"):
             assert torch.equal(opt.state[p][key], ref.state[q][key]), (p.shape, key)

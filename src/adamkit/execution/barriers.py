@@ -147,16 +147,20 @@ def _worksharing(lines: list[str], open_line: int, close: int) -> _Loop | None:
 
 def _accesses(body: list[str], var: str) -> dict | None:
     """Pointer -> [(writes, (a, ok) row-locality, width)] of a loop over rows ``var``."""
-    inner: list[tuple[str, range]] = []
+    # the values each inner loop variable takes; loops one after the other often reuse a
+    # name (x1), which then takes the union of their values (a product over the loops would
+    # grow as (trips) ** (loops): 64 ** 5 for five row loops of 1024 / 16)
+    values: dict[str, set[int]] = {}
     width = 1
     for line in body:
         found = LITERAL_FOR.match(line)
         if found is not None:
             name, lo, hi, step = found.groups()
-            inner.append((name, range(int(lo), int(hi), int(step))))
+            values.setdefault(name, set()).update(range(int(lo), int(hi), int(step)))
             width = max(width, int(step))
         elif line.strip().startswith("for"):
             return None  # an inner loop with symbolic bounds
+    inner = [(name, sorted(taken)) for name, taken in values.items()]
     accesses: dict[str, list] = {}
     for line in body:
         for found in POINTER.finditer(line):
@@ -208,7 +212,7 @@ def _argument(text: str) -> tuple[str, str]:
 _INT_LITERAL = re.compile(r"\b(\d+)L\b")
 
 
-def _row(index: str, var: str, inner: list[tuple[str, range]]) -> tuple[int, int] | None:
+def _row(index: str, var: str, inner: list[tuple[str, list[int]]]) -> tuple[int, int] | None:
     """``(a, largest r)`` when ``index`` is ``a * var + r(inner vars)`` with a fixed ``a > 0``
     and ``r >= 0`` for every value of the inner variables (the largest r plus the access's
     width is checked against ``a`` later); None for any other expression."""
@@ -236,7 +240,7 @@ def _row(index: str, var: str, inner: list[tuple[str, range]]) -> tuple[int, int
     return (a, high) if a > 0 and low is not None and low >= 0 else None
 
 
-def _combos(inner: list[tuple[str, range]]):
+def _combos(inner: list[tuple[str, list[int]]]):
     if not inner:
         return [()]
     return itertools.product(*(r for _, r in inner))

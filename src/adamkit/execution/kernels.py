@@ -36,6 +36,7 @@ from adamkit.diagnostics.signals import norm_sums
 from adamkit.execution.barriers import drop_barriers, fuse_row_loops
 from adamkit.execution.eager import write_param_
 from adamkit.execution.hoisting import hoist_invariants
+from adamkit.execution.contraction import contract_sums
 from adamkit.execution.merging import merge_sum_loops
 from adamkit.execution.multi_tensor import moment_keys
 from adamkit.execution.sharing import share_row_values
@@ -560,7 +561,7 @@ CODEGEN_PATCHES = (
     "adamkit-codegen: lowp copies tiled (SR too), vector bitcasts x1/x2, aranges, prefetch 1024, "
     "int32->uint8 through int8, invariants hoisted from row loops (a name once a block), "
     "barriers dropped, signal sums merged into the update loop (p0 and dp too), row loops "
-    "fused, row values shared"
+    "fused, row values shared, sums of squares by fmadd"
 )
 """Names the changes this module makes to inductor's C++ code generation while it compiles
 (:func:`_copies_follow_lowp_tiling`, :func:`_vector_bitcasts`, :func:`_vector_aranges`,
@@ -591,6 +592,7 @@ def _codegen_marker(device: torch.device):
         return None
     mode = "cpu serial" if device.type == "cpu" and parallel_num_threads() == 1 else "parallel"
     merged = "" if MERGE_SUM_LOOPS else "; sums not merged"
+    merged += "" if CONTRACT_SUMS else "; sums not contracted"
     shared = "" if SHARE_ROW_VALUES else "; row values not shared"
     key = f"{CODEGEN_PATCHES}; {mode}{merged}{shared}"
 
@@ -728,7 +730,7 @@ def _prefetched_loads():
 
 
 def _rewritten_source():
-    """While compiling a kernel: five passes over the C++ source inductor writes.
+    """While compiling a kernel: six passes over the C++ source inductor writes.
 
     - :func:`adamkit.execution.hoisting.hoist_invariants` moves the loop-invariant lines of
       innermost row loops (a block's scale, the step's scalars and what derives from them
@@ -736,6 +738,8 @@ def _rewritten_source():
     - :func:`adamkit.execution.merging.merge_sum_loops` (with :data:`MERGE_SUM_LOOPS`) puts a
       signals kernel's per-row sums into the loop that writes the row, given which pointer
       arguments name the same buffer (:func:`_pointer_buffers`);
+    - :func:`adamkit.execution.contraction.contract_sums` (with :data:`CONTRACT_SUMS`)
+      accumulates its sums of squares with fused multiply-adds;
     - with :data:`SHARE_ROW_VALUES`, :func:`adamkit.execution.barriers.fuse_row_loops` runs a
       block-wise kernel's scale pass and main loop under one loop over rows, and
       :func:`adamkit.execution.sharing.share_row_values` keeps the new moments the scale pass
@@ -743,7 +747,7 @@ def _rewritten_source():
     - :func:`adamkit.execution.barriers.drop_barriers` gives ``nowait`` to the worksharing
       loops that no later loop of the region can race with.
 
-    Same values either way. Without inductor's method (another torch version) nothing
+    Same values either way (the sums of squares: to float32 rounding). Without inductor's method (another torch version) nothing
     changes."""
 
     def replace(original):
@@ -753,6 +757,8 @@ def _rewritten_source():
             buffers = _pointer_buffers(self, kernel_args)
             if MERGE_SUM_LOOPS:
                 source = merge_sum_loops(source, buffers)
+            if CONTRACT_SUMS:
+                source = contract_sums(source)
             if SHARE_ROW_VALUES:
                 source = share_row_values(fuse_row_loops(source), buffers)
             source = drop_barriers(source)
@@ -766,6 +772,10 @@ def _rewritten_source():
 MERGE_SUM_LOOPS = True
 """Whether :func:`_rewritten_source` merges a signals kernel's sums loops into its update loops
 (:mod:`adamkit.execution.merging`; tests and A/B timings switch it off)."""
+
+CONTRACT_SUMS = True
+"""Whether :func:`_rewritten_source` accumulates a signals kernel's sums of squares with fused
+multiply-adds (:mod:`adamkit.execution.contraction`; tests and A/B timings switch it off)."""
 
 SHARE_ROW_VALUES = True
 """Whether :func:`_rewritten_source` fuses a block-wise kernel's scale pass and main loop under
