@@ -37,14 +37,26 @@ def test_a_square_summed_alone_becomes_one_fmadd() -> None:
 
 
 def test_a_product_used_elsewhere_or_not_of_this_loop_stays() -> None:
-    used_twice = [LOAD, "auto tmp1 = tmp0 * tmp0;", "auto tmp2 = tmp1 + tmp0;", "tmp_acc0_vec = tmp_acc0_vec + tmp1;", "tmp2.store(out_ptr1 + " + IDX + ");"]
+    used_twice = [
+        LOAD,
+        "auto tmp1 = tmp0 * tmp0;",
+        "auto tmp2 = tmp1 + tmp0;",
+        "tmp_acc0_vec = tmp_acc0_vec + tmp1;",
+        "tmp2.store(out_ptr1 + " + IDX + ");",
+    ]
     assert contract_sums(_source(used_twice)) == _source(used_twice)
     # defined before the loop (an invariant): not this body's product
     outside = ["auto tmp9 = tmp7 * tmp8;"]
     body = [LOAD, "tmp_acc0_vec = tmp_acc0_vec + tmp9;"]
     assert contract_sums(_source(body, outside)) == _source(body, outside)
     # a sum, not a product; a scalar accumulator
-    other = [LOAD, "auto tmp1 = tmp0 + tmp0;", "tmp_acc0_vec = tmp_acc0_vec + tmp1;", "auto tmp3 = tmp0 * tmp0;", "tmp_acc1 = tmp_acc1 + tmp3;"]
+    other = [
+        LOAD,
+        "auto tmp1 = tmp0 + tmp0;",
+        "tmp_acc0_vec = tmp_acc0_vec + tmp1;",
+        "auto tmp3 = tmp0 * tmp0;",
+        "tmp_acc1 = tmp_acc1 + tmp3;",
+    ]
     assert contract_sums(_source(other)) == _source(other)
 
 

@@ -34,9 +34,9 @@ from torch import Tensor
 
 from adamkit.diagnostics.signals import norm_sums
 from adamkit.execution.barriers import drop_barriers, fuse_row_loops
+from adamkit.execution.contraction import contract_sums
 from adamkit.execution.eager import write_param_
 from adamkit.execution.hoisting import hoist_invariants
-from adamkit.execution.contraction import contract_sums
 from adamkit.execution.merging import merge_sum_loops
 from adamkit.execution.multi_tensor import moment_keys
 from adamkit.execution.sharing import share_row_values
@@ -747,8 +747,8 @@ def _rewritten_source():
     - :func:`adamkit.execution.barriers.drop_barriers` gives ``nowait`` to the worksharing
       loops that no later loop of the region can race with.
 
-    Same values either way (the sums of squares: to float32 rounding). Without inductor's method (another torch version) nothing
-    changes."""
+    Same values either way (the sums of squares: to float32 rounding). Without inductor's
+    method (another torch version) nothing changes."""
 
     def replace(original):
         def define_kernel(self, src_code, *args, **kwargs):
