@@ -12,8 +12,8 @@
     monitor.latest()["overall"]["update_rms"], monitor.alerts
 
 On a sampled step (the ``k``-th call of ``step()`` with ``k % every == 0``) the pre-hook keeps
-a strided sample of each param that has a gradient (at most ``signals.SAMPLE`` entries: no
-copy of the params), and the post-hook reads each gradient and moment once for their exact
+a sample of each param that has a gradient (at most ``signals.SAMPLE`` entries, in runs of
+adjacent ones: ``signals.sample_positions``; no copy of the params), and the post-hook reads each gradient and moment once for their exact
 norms (with ``exact="grad"`` the gradients only: the moment norms then come from the
 sample), takes the same sample of p, m and v, moves everything to the host in one transfer per
 device and computes the signals there in float64, all tensors at once
@@ -242,7 +242,7 @@ class Monitor:
             moment, for exact norms and non-finite counts (12 B per fp32 param). ``"grad"``:
             the gradients only (4 B/param: exact ``grad_norm`` and gradient counts); the
             moment norms of a tensor above ``signals.SAMPLE`` entries are then estimated
-            from the strided sample of m and v (AMSGrad tensors and strided shards still
+            from the sample of m and v (AMSGrad tensors and strided shards still
             read v in full), and state counts come from the sample. ``exp_avg_sq_norm`` is a
             fourth power of the gradient scale: with heavy tails its estimate can be off by
             much more than the other sampled signals.

@@ -160,7 +160,7 @@ def percentiles(
     """Nearest-rank percentiles: the smallest x with (weighted) fraction of values <= x >= q/100.
 
     numpy's ``np.percentile(values, q, method="inverted_cdf")`` for equal weights. ``weights``
-    lets strided samples of different tensors stand for the entries they skip.
+    lets samples of different tensors stand for the entries they skip.
     """
     values = np.asarray(values, dtype=np.float64)
     if values.size == 0:
@@ -178,7 +178,7 @@ def percentiles(
 
 
 # ---------------------------------------------------------------------------------------------
-# all signals of one tensor cheaply: an exact gradient norm and a strided sample
+# all signals of one tensor cheaply: an exact gradient norm and a sample
 
 
 class Sums(NamedTuple):
