@@ -483,36 +483,48 @@ def test_signal_kernels_return_the_norms_of_the_step(state_dtype: str, tol: floa
         assert {7000 // R * R, 7000 % R, 4097 // R * R - R, 4097 % R + R, 8192} <= set(sizes)
 
 
-def _with_and_without(monkeypatch, flag: str, text_pass: str, applied, run):
-    """``run()`` with kernels compiled with ``kernels.<flag>`` on, then off, each under a fresh
-    CODEGEN_PATCHES key (both variants compile here, none comes from a cache); returns both
-    results and whether ``kernels.<text_pass>`` changed some source (``applied(out, source)``)."""
+def _variants(monkeypatch, flags: list[dict[str, bool]], passes: dict, run):
+    """``run()`` with kernels compiled under each setting of ``flags`` (``kernels.<name>``
+    values), each under a fresh CODEGEN_PATCHES key (every variant compiles here, none comes
+    from a cache); returns the results and, per text pass ``kernels.<name>`` in ``passes``,
+    whether it changed some source (``passes[name](out, source)``)."""
     import uuid
 
-    real = getattr(kernels, text_pass)
-    seen = []
+    seen: dict[str, list[bool]] = {name: [] for name in passes}
+    for name, applied in passes.items():
+        real = getattr(kernels, name)
 
-    def recording(source, *args):
-        out = real(source, *args)
-        seen.append(applied(out, source))
-        return out
+        def recording(source, *args, real=real, name=name, applied=applied):
+            out = real(source, *args)
+            seen[name].append(applied(out, source))
+            return out
 
-    monkeypatch.setattr(kernels, text_pass, recording)
+        monkeypatch.setattr(kernels, name, recording)
     key = f"{kernels.CODEGEN_PATCHES}; test {uuid.uuid4().hex}"
     runs = []
-    for on in (True, False):
-        monkeypatch.setattr(kernels, flag, on)
-        monkeypatch.setattr(kernels, "CODEGEN_PATCHES", f"{key} {on}")
+    for k, setting in enumerate(flags):
+        for flag, on in setting.items():
+            monkeypatch.setattr(kernels, flag, on)
+        monkeypatch.setattr(kernels, "CODEGEN_PATCHES", f"{key} {k}")
         kernels.reset_kernels()
         runs.append(run())
     kernels.reset_kernels()
-    return runs, any(seen)
+    return runs, {name: any(s) for name, s in seen.items()}
 
 
-def test_merged_sums_loops_change_no_bit(monkeypatch) -> None:
-    """With kernels.MERGE_SUM_LOOPS (adamkit.execution.merging: a signals kernel's per-row sums
-    computed in the loop that writes the row) the sums, the params and the moments are those
-    of the kernels as inductor wrote them, bit for bit, and the pass did merge loops."""
+def _with_and_without(monkeypatch, flag: str, text_pass: str, applied, run):
+    """:func:`_variants` with ``kernels.<flag>`` on, then off, and one text pass."""
+    runs, seen = _variants(monkeypatch, [{flag: True}, {flag: False}], {text_pass: applied}, run)
+    return runs, seen[text_pass]
+
+
+def test_merged_and_contracted_sums_change_no_update_bit(monkeypatch) -> None:
+    """kernels.MERGE_SUM_LOOPS (adamkit.execution.merging: a signals kernel's per-row sums
+    computed in the loop that writes the row) changes no bit of the sums, the params or the
+    moments; kernels.CONTRACT_SUMS (adamkit.execution.contraction: the sums of squares
+    accumulated by fused multiply-adds) changes no bit of the params and moments and the sums
+    only to float32 rounding; both passes did apply. Three variants: both on (the default),
+    merged only, neither."""
 
     def run():
         ps = _model([(64, 128)])
@@ -524,46 +536,28 @@ def test_merged_sums_loops_change_no_bit(monkeypatch) -> None:
             opt.step()
         return ps, opt
 
-    runs, merged = _with_and_without(
-        monkeypatch, "MERGE_SUM_LOOPS", "merge_sum_loops", lambda out, src: out != src, run
-    )
-    assert merged
-    (ps, opt), (ref_ps, ref) = runs
-    assert set(opt.fused_signal_sums) == set(ps)
-    for p, q in zip(ps, ref_ps):
-        assert torch.equal(opt.fused_signal_sums[p], ref.fused_signal_sums[q]), p.shape
-        assert torch.equal(p, q), p.shape
-        for key in ("exp_avg", "exp_avg_sq"):
-            assert torch.equal(opt.state[p][key], ref.state[q][key]), (p.shape, key)
-
-
-def test_contracted_sums_change_no_update_bit(monkeypatch) -> None:
-    """With kernels.CONTRACT_SUMS (adamkit.execution.contraction: the sums of squares
-    accumulated by fused multiply-adds) the params and moments are those of the kernels
-    without it, bit for bit, the sums agree to float32 rounding, and the pass did apply."""
-
-    def run():
-        ps = _model([(64, 128), (40, 110)])
-        opt = adamkit.AdamW(ps, lr=1e-2, weight_decay=0.1, backend="compiled")
-        opt.fused_signals = True
-        for step in range(3):
-            _set_grads(ps, step)
-            opt.fused_signals_request = step >= 1
-            opt.step()
-        return ps, opt
-
-    runs, contracted = _with_and_without(
-        monkeypatch, "CONTRACT_SUMS", "contract_sums", lambda out, src: "fmadd(" in out, run
-    )
-    assert contracted
-    (ps, opt), (ref_ps, ref) = runs
-    assert set(opt.fused_signal_sums) == set(ps)
-    for p, q in zip(ps, ref_ps):
-        got, want = opt.fused_signal_sums[p], ref.fused_signal_sums[q]
-        assert torch.allclose(got, want, rtol=1e-6, atol=0), (p.shape, got, want)
-        assert torch.equal(p, q), p.shape
-        for key in ("exp_avg", "exp_avg_sq"):
-            assert torch.equal(opt.state[p][key], ref.state[q][key]), (p.shape, key)
+    flags = [
+        {"MERGE_SUM_LOOPS": True, "CONTRACT_SUMS": True},
+        {"MERGE_SUM_LOOPS": True, "CONTRACT_SUMS": False},
+        {"MERGE_SUM_LOOPS": False, "CONTRACT_SUMS": False},
+    ]
+    passes = {
+        "merge_sum_loops": lambda out, src: out != src,
+        "contract_sums": lambda out, src: "fmadd(" in out,
+    }
+    (both, merged, neither), applied = _variants(monkeypatch, flags, passes, run)
+    assert applied == {"merge_sum_loops": True, "contract_sums": True}
+    for (ps, opt), (ref_ps, ref), exact in ((merged, neither, True), (both, merged, False)):
+        assert set(opt.fused_signal_sums) == set(ps)
+        for p, q in zip(ps, ref_ps):
+            got, want = opt.fused_signal_sums[p], ref.fused_signal_sums[q]
+            if exact:
+                assert torch.equal(got, want), p.shape
+            else:
+                assert torch.allclose(got, want, rtol=1e-6, atol=0), (p.shape, got, want)
+            assert torch.equal(p, q), p.shape
+            for key in ("exp_avg", "exp_avg_sq"):
+                assert torch.equal(opt.state[p][key], ref.state[q][key]), (p.shape, key)
 
 
 def test_shared_row_values_change_no_bit(monkeypatch) -> None:
