@@ -13,12 +13,13 @@
 
 On a sampled step (the ``k``-th call of ``step()`` with ``k % every == 0``) the pre-hook keeps
 a sample of each param that has a gradient (at most ``signals.SAMPLE`` entries, in runs of
-adjacent ones: ``signals.sample_positions``; no copy of the params), and the post-hook reads each gradient and moment once for their exact
-norms (with ``exact="grad"`` the gradients only: the moment norms then come from the
-sample), takes the same sample of p, m and v, moves everything to the host in one transfer per
-device and computes the signals there in float64, all tensors at once
-(:mod:`adamkit.diagnostics.readout`). On other steps the hooks only count. Observed losses are
-kept as tensors until the next sampled step, so ``observe`` never synchronises.
+adjacent ones: ``signals.sample_positions``; no copy of the params), and the post-hook reads
+each gradient and moment once for their exact norms (with ``exact="grad"`` the gradients
+only: the moment norms then come from the sample), takes the same sample of p, m and v,
+moves everything to the host in one transfer per device and computes the signals there in
+float64, all tensors at once (:mod:`adamkit.diagnostics.readout`). On other steps the hooks
+only count. Observed losses are kept as tensors until the next sampled step, so ``observe``
+never synchronises.
 
 Works with any ``torch.optim.Optimizer`` whose state holds torch's ``step``, ``exp_avg``,
 ``exp_avg_sq`` (and ``max_exp_avg_sq``), and with optimizers that expose
