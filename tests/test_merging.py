@@ -4,9 +4,7 @@
 
 from __future__ import annotations
 
-import textwrap
-
-from cpp_loops import vector_loop
+from cpp_loops import row_loop, stripped_lines, vector_loop
 
 from adamkit.execution.merging import merge_sum_loops
 
@@ -92,26 +90,11 @@ def _kernel(
         *update,
         *after,
     ]
-    return textwrap.indent(
-        "\n".join(
-            [
-                "#pragma omp for",
-                "for(int64_t x0=static_cast<int64_t>(0L); x0<static_cast<int64_t>(ks0); x0+=static_cast<int64_t>(1L))",
-                "{",
-                *(f"    {line}" for line in row),
-                "}",
-            ]
-        ),
-        "        ",
-    )
-
-
-def _lines(source: str) -> list[str]:
-    return [line.strip() for line in source.split("\n")]
+    return row_loop(row, "        ")
 
 
 def test_the_sums_loop_joins_the_update_loop_on_the_same_loads():
-    out = _lines(merge_sum_loops(_kernel(), ALIASES))
+    out = stripped_lines(merge_sum_loops(_kernel(), ALIASES))
     assert sum(line == HEADER for line in out) == 1  # one loop over the row
     body_start = out.index(LIKELY) + 2
     body = out[body_start : out.index("}", body_start)]

@@ -4,7 +4,7 @@
 
 from __future__ import annotations
 
-from cpp_loops import vector_loop
+from cpp_loops import row_loop, stripped_lines, vector_loop
 
 from adamkit.execution.sharing import share_row_values
 
@@ -72,24 +72,12 @@ def _row(
         *_loop(main_body, main_header),
     ]
     row = ["{", *(f"    {x}" for x in scale), "}", "{", *(f"    {x}" for x in main), "}"]
-    return "\n".join(
-        [
-            "#pragma omp for",
-            "for(int64_t x0=static_cast<int64_t>(0L); x0<static_cast<int64_t>(ks0); x0+=static_cast<int64_t>(1L))",
-            "{",
-            *(f"    {x}" for x in row),
-            "}",
-        ]
-    )
-
-
-def _lines(source: str) -> list[str]:
-    return [line.strip() for line in source.split("\n")]
+    return row_loop(row)
 
 
 def test_the_new_moment_of_the_scale_pass_is_kept_for_the_main_loop():
     source = _row()
-    out = _lines(share_row_values(source, ALIASES))
+    out = stripped_lines(share_row_values(source, ALIASES))
     # one row buffer, declared in the row's body
     assert out[3] == "alignas(64) float abuf0[256];"
     assert sum(line.startswith("alignas(64)") for line in out) == 1
@@ -103,7 +91,7 @@ def test_the_new_moment_of_the_scale_pass_is_kept_for_the_main_loop():
         in out
     )
     assert "auto tmp16 = tmp15 * tmp11;" in out and "auto tmp18 = tmp17.abs();" in out
-    kept = [line for line in _lines(source) if line not in ("auto tmp17 = tmp16 + tmp13;",)]
+    kept = [line for line in stripped_lines(source) if line not in ("auto tmp17 = tmp16 + tmp13;",)]
     assert [
         line for line in out if not line.startswith(("alignas", "tmp7.store", "auto tmp17"))
     ] == kept

@@ -38,6 +38,12 @@ ROW = {name: j for j, name in enumerate(S.SAMPLE_ROWS)}
 """Row of each sampled quantity in the samples array."""
 
 
+def gather_key(t: Tensor) -> tuple:
+    """What tensors must share to go into one ``torch.cat``: device, dtype and the shape past
+    dim 0 (sample views are 1-d for a whole tensor, ``[runs, SAMPLE_RUN]`` otherwise)."""
+    return (t.device, t.dtype, t.shape[1:])
+
+
 @dataclass(eq=False)
 class Entry:
     """One measured param: what does not change between sampled steps."""
@@ -83,8 +89,7 @@ class Layout:
                 p = e.param
                 if e.plain and p.is_contiguous():
                     view = e.view(p.detach())
-                    key = (p.device, p.dtype, view.shape[1:])
-                    idx, views = buckets.setdefault(key, ([], []))
+                    idx, views = buckets.setdefault(gather_key(view), ([], []))
                     idx.append(i)
                     views.append(view)
                 else:
@@ -171,7 +176,7 @@ class Transfer:
         end to end); returns the handle of its values, flattened. ``n``: their number of
         entries, when known."""
         parts = t if isinstance(t, list) else [t.reshape(-1)]
-        key = (parts[0].device, parts[0].dtype, parts[0].shape[1:])
+        key = gather_key(parts[0])
         if n is None:
             n = sum(x.numel() for x in parts)
         offset = self._sizes.get(key, 0)
@@ -209,8 +214,7 @@ class Samples:
         self._queued: list[tuple[tuple, np.ndarray, np.ndarray, np.ndarray]] = []
 
     def add(self, row: int, kind: int, t: Tensor) -> None:
-        key = (t.device, t.dtype, t.shape[1:])
-        rows, kinds, ts = self._by_key.setdefault(key, ([], [], []))
+        rows, kinds, ts = self._by_key.setdefault(gather_key(t), ([], [], []))
         rows.append(row)
         kinds.append(kind)
         ts.append(t)

@@ -80,8 +80,7 @@ class SteadyReads:
             v = row.v if row.vmax is None else row.vmax
             for kind, t in ((ROW["m"], row.m), (ROW["v"], v)):
                 view = row.entry.view(t)
-                key = (t.device, t.dtype, view.shape[1:])
-                views, rs, kinds = groups.setdefault(key, ([], [], []))
+                views, rs, kinds = groups.setdefault(readout.gather_key(view), ([], [], []))
                 views.append(view)
                 rs.append(i)
                 kinds.append(kind)

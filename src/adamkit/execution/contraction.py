@@ -20,9 +20,10 @@ from __future__ import annotations
 
 import re
 
+from adamkit.execution.cpp_source import ANY_FOR
+
 _ACCUMULATE = re.compile(r"^(\s*)(tmp_acc\d+_vec) = \2 \+ ((?:s?tmp)\d+);$")
 _PRODUCT = re.compile(r"^\s*auto ((?:s?tmp)\d+) = ((?:s?tmp)\d+) \* ((?:s?tmp)\d+);$")
-_FOR = re.compile(r"^\s*for\s*\(")
 
 
 def contract_sums(source: str) -> str:
@@ -31,7 +32,7 @@ def contract_sums(source: str) -> str:
     lines = source.split("\n")
     products: dict[str, tuple[int, str, str]] = {}  # name -> (line, a, b), this loop body
     for k, line in enumerate(lines):
-        if _FOR.match(line):
+        if ANY_FOR.match(line):
             products = {}
             continue
         found = _PRODUCT.match(line)
