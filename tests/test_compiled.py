@@ -406,10 +406,12 @@ def test_lean_state_and_stochastic_rounding_run_compiled_and_match_eager(
     # only differences come from fp32 rounding inside the update: a value within an ulp of a
     # rounding decision (a stochastic draw, a code boundary) can go the other way, leaving that
     # moment entry one step of its format apart (a bf16 ulp, an int8/int4 level) and moving
-    # its param by up to lr * |change of u| in the next steps. So: every param within 2e-5
-    # (relative to its largest entry), at most 0.5% of moment entries off by more than 2e-6,
-    # and none by more than one step of the format.
+    # its param by up to lr * |change of u| in the next steps (about 1e-4 of the largest entry
+    # here for one int8 level: it happens in a few of every ten seeds). So: at most 0.5% of
+    # moment entries off by more than 2e-6, none by more than one step of the format, and the
+    # param entries whose moments never went apart within 2e-5 (relative to the largest entry).
     level = {"bfloat16": 2.0**-7, "int8": 4.0 / 127, "int4": 0.5}.get(state_dtype, 2e-6)
+    apart = [torch.zeros(p.shape, dtype=torch.bool) for p in ours]
     for step in range(20):
         gen = torch.Generator().manual_seed(100 + step)
         for p, q in zip(ours, ref):
@@ -417,8 +419,7 @@ def test_lean_state_and_stochastic_rounding_run_compiled_and_match_eager(
             p.grad, q.grad = g.clone(), g.clone()
         opt.step()
         ref_opt.step()
-        for p, q in zip(ours, ref):
-            assert relative_error(p, q) <= 2e-5, (step, tuple(p.shape))
+        for p, q, went in zip(ours, ref, apart):
             ours_state, ref_state = opt.decoded_state(p), ref_opt.decoded_state(q)
             for key in ("exp_avg", "exp_avg_sq"):
                 want, have = ref_state[key].float(), ours_state[key].float()
@@ -426,6 +427,10 @@ def test_lean_state_and_stochastic_rounding_run_compiled_and_match_eager(
                 diff = (have - want).abs() / scale
                 off = (diff > 2e-6).float().mean().item()
                 assert off <= 0.005 and diff.max() <= level, (step, tuple(p.shape), key, off)
+                went |= diff > 2e-6
+            error = (p.detach().double() - q.detach().double()).abs()
+            error = error / q.detach().double().abs().max()
+            assert error[~went].max() <= 2e-5, (step, tuple(p.shape))
     group_plan = opt._executor._plans[0]
     assert group_plan.eager == [] and group_plan.failed == []  # all of it ran compiled
     codec, _ = opt.codec_for(ours[0])

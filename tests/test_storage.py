@@ -13,7 +13,14 @@ from torch import Tensor
 
 import adamkit
 from adamkit.storage import blockwise, select
-from adamkit.storage.rounding import as_uniform, noise_bits, round_stochastic, uniform
+from adamkit.storage.rounding import (
+    STREAMS,
+    as_uniform,
+    noise_bits,
+    round_stochastic,
+    stream_cells,
+    uniform,
+)
 
 CODECS = [(8, 256), (4, 128)]
 
@@ -117,9 +124,11 @@ def test_stochastic_rounding_is_unbiased_and_picks_neighbours(bits, block, map_k
         d = blockwise.dequantize(codes, absmax, block, block=block, bits=bits, signed=signed, **kw)
         draws.append(d)
     draws = torch.stack(draws)
-    # every draw is one of the two levels around x
-    below = torch.where(levels[None, :] <= x[:, None] + 1e-6 * scale, levels, -torch.inf).amax(1)
-    above = torch.where(levels[None, :] >= x[:, None] - 1e-6 * scale, levels, torch.inf).amin(1)
+    # every draw is one of the two levels around x (to float rounding of x, not of the scale:
+    # an x a little above a level may round up to the next one, rarely)
+    tol = 1e-6 * x.abs()[:, None] + 1e-12 * scale
+    below = torch.where(levels[None, :] <= x[:, None] + tol, levels, -torch.inf).amax(1)
+    above = torch.where(levels[None, :] >= x[:, None] - tol, levels, torch.inf).amin(1)
     if not signed:
         below = torch.where(torch.isinf(below), levels.min(), below)
     ok = ((draws - below).abs() <= 1e-6 * scale) | ((draws - above).abs() <= 1e-6 * scale)
@@ -208,6 +217,33 @@ def test_round_stochastic_is_unbiased_for_bf16_and_fp16() -> None:
         bias = (draws.float().mean(0) - x).abs() / x.abs()
         nearest = (x.to(dtype).float() - x).abs() / x.abs()
         assert bias.mean() < nearest.mean() / 4
+
+
+@pytest.mark.parametrize("stream", sorted(STREAMS))
+def test_random_streams_are_uniform_and_uncorrelated(stream) -> None:
+    """What stochastic rounding needs of the hash: each stream's 16-bit cells uniform over an
+    element range (their top bits above all: a code's rounding reads those), neighbours and
+    the two halves of one hash uncorrelated, one element's cells over successive steps (keys)
+    uniform and uncorrelated. Bounds are about five standard errors."""
+    like = torch.empty(1 << 18)
+    pair = next(s for s in STREAMS if s != stream and STREAMS[s][0] == STREAMS[stream][0])
+    for key in (0, 12345, -7, 2**31 - 1):
+        u = (stream_cells(like, key, stream).double() + 0.5) / 2**16
+        other = (stream_cells(like, key, pair).double() + 0.5) / 2**16
+        n = u.numel()
+        assert abs(u.mean().item() - 0.5) < 5 * (1 / 12 / n) ** 0.5
+        top = torch.bincount((u * 16).long(), minlength=16).double()
+        chi2 = ((top - n / 16) ** 2 / (n / 16)).sum().item()
+        assert chi2 < 50  # 15 degrees of freedom: mean 15, sd 5.5
+        for a, b in ((u[:-1], u[1:]), (u[:-16], u[16:]), (u, other)):
+            assert abs(torch.corrcoef(torch.stack([a, b]))[0, 1].item()) < 5 / n**0.5
+    element = torch.empty(64)
+    keys = torch.randint(0, 2**31, (4000,), generator=torch.Generator().manual_seed(0))
+    steps = torch.stack([stream_cells(element, int(k), stream) for k in keys]).double()
+    steps = (steps + 0.5) / 2**16
+    assert (steps.mean(0) - 0.5).abs().max().item() < 5 * (1 / 12 / len(keys)) ** 0.5
+    lag = torch.corrcoef(torch.stack([steps[:-1].reshape(-1), steps[1:].reshape(-1)]))[0, 1]
+    assert abs(lag.item()) < 5 / (steps[:-1].numel()) ** 0.5
 
 
 @pytest.mark.parametrize("shift", [8, 15, 16, 17, 20, 22])

@@ -2,10 +2,12 @@ r"""Counter-based random numbers and stochastic rounding, traceable by torch.com
 
 Stochastic rounding needs one uniform number per element per step. Drawing them from a
 ``torch.Generator`` would cost a pass over memory and could not be fused into a compiled kernel
-deterministically, so adamkit derives them from a hash of ``(key, element index)``: the
-murmur3 32-bit finaliser over ``index * golden + key``. Each hash gives two streams of 16 bits
-(m and v share one; vmax and the param another), since hashing is most of the compiled
-kernels' arithmetic. ``key`` mixes the optimizer's seed, the
+deterministically, so adamkit derives them from a hash of ``(key, element index)``: one
+multiply-xorshift round of the murmur3 finaliser over ``index * golden + key`` (the full
+finaliser's two more rounds cost the int8 and bf16-state steps 7-8% and bought nothing that
+stochastic rounding needs: docs/benchmarks.md, session 16). Each hash gives two streams of 16
+bits (m and v share one; vmax and the param another), since hashing is a good part of the
+compiled kernels' arithmetic. ``key`` mixes the optimizer's seed, the
 param's index and the step count, so the numbers are a pure function of saved state: a run
 resumed from a checkpoint draws exactly the numbers the uninterrupted run drew.
 
@@ -72,7 +74,7 @@ def _int32(value: int) -> int:
     return value - (1 << 32) if value >= 1 << 31 else value
 
 
-_GOLDEN, _MIX1, _MIX2 = _int32(0x9E3779B1), _int32(0x85EBCA6B), _int32(0xC2B2AE35)
+_GOLDEN, _MIX = _int32(0x9E3779B1), _int32(0x85EBCA6B)
 
 
 def hash32(
@@ -95,11 +97,8 @@ def hash32(
         index = torch.arange(numel, dtype=torch.int32, device=device) + first
     k = key.to(torch.int32) if isinstance(key, Tensor) else _int32(key)
     h = index * _GOLDEN + k
-    h = h ^ ((h >> 16) & 0xFFFF)
-    h = h * _MIX1
-    h = h ^ ((h >> 13) & 0x7FFFF)
-    h = h * _MIX2
-    return h ^ ((h >> 16) & 0xFFFF)
+    h = h ^ ((h >> 16) & 0xFFFF)  # the high half into the low one: both feed the product
+    return h * _MIX
 
 
 def uniform(
