@@ -593,6 +593,42 @@ def test_shared_row_values_change_no_bit(monkeypatch) -> None:
                 assert torch.equal(value, ref.state[q][key]), (p.shape, key)
 
 
+def test_row_temporaries_on_the_stack_change_no_bit(monkeypatch) -> None:
+    """With kernels.LOCALIZE_ROW_TEMPS (an int4 kernel's pack loops moved up and fused with
+    its main loop, the row of unpacked codes between them kept on the stack instead of a
+    buffer the size of the moment) the params and the stored codes and scales are those of
+    the kernels without it, bit for bit, on two threads, and the pass did apply."""
+
+    def run():
+        ps = _model([(40, 512)])
+        opt = adamkit.AdamW(ps, lr=1e-2, weight_decay=0.1, backend="compiled", state_dtype="int4")
+        for step in range(3):
+            _set_grads(ps, step)
+            opt.step()
+        assert opt._executor._plans[0].eager == [] and opt._executor._plans[0].failed == []
+        return ps, opt
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        runs, localized = _with_and_without(
+            monkeypatch,
+            "LOCALIZE_ROW_TEMPS",
+            "localize_row_temps",
+            lambda out, src: "lbuf_" in out,
+            run,
+        )
+    finally:
+        torch.set_num_threads(threads)
+    assert localized
+    (ps, opt), (ref_ps, ref) = runs
+    for p, q in zip(ps, ref_ps):
+        assert torch.equal(p, q), p.shape
+        for key, value in opt.state[p].items():
+            if isinstance(value, torch.Tensor):
+                assert torch.equal(value, ref.state[q][key]), (p.shape, key)
+
+
 def test_signal_kernels_follow_fused_signals() -> None:
     """fused_signals: False never hands sums over (the Monitor measures itself), "auto" does
     once the kernels exist in the process (their compile already paid), True does; anything

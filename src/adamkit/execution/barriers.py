@@ -19,11 +19,12 @@ evaluating the index over the inner loops' literal ranges). Anything the pass ca
 (another access form, symbolic inner bounds, code between the loops other than plain
 worksharing blocks) keeps its barrier. A source without such loops comes back unchanged.
 
-:func:`fuse_row_loops` goes one step further for two adjacent loops over the same rows that
-are independent in that sense: one loop, whose body runs the first loop's row and then the
-second's. A thread then finishes a row while its data is in L1 (a block-wise kernel's scale
-pass and main loop read the same gradient and codes), and the second body can use what the
-first computed (:mod:`adamkit.execution.sharing`).
+:func:`fuse_row_loops` goes one step further for adjacent loops over the same rows that are
+independent in that sense, pair by pair: one loop, whose body runs the first loop's row, then
+the second's, and so on. A thread then finishes a row while its data is in L1 (a block-wise
+kernel's scale pass and main loop read the same gradient and codes), and a later body can use
+what an earlier one computed (:mod:`adamkit.execution.sharing`,
+:mod:`adamkit.execution.localizing`).
 """
 
 from __future__ import annotations
@@ -272,9 +273,10 @@ def _independent(earlier: _Loop, later: _Loop) -> bool:
 
 
 def fuse_row_loops(source: str) -> str:
-    """``source`` with each pair of adjacent worksharing loops over the same rows that
-    :func:`drop_barriers` finds independent made one loop whose body runs the first loop's
-    row, then the second loop's (each in a block of its own: inductor reuses names)."""
+    """``source`` with each run of adjacent worksharing loops over the same rows that
+    :func:`drop_barriers` finds independent, pair by pair, made one loop whose body runs the
+    first loop's row, then the second loop's, and so on (each in a block of its own: inductor
+    reuses names)."""
     lines = source.split("\n")
     out: list[str] = []
     k = 0
@@ -298,26 +300,30 @@ def _fused_region(lines: list[str], start: int, end: int) -> list[str] | None:
     j = 0
     while j < len(blocks):
         first, close, loop = blocks[j]
-        nxt = blocks[j + 1] if j + 1 < len(blocks) else None
-        if loop is not None and nxt is not None and _fusable(loop, nxt[2]):
-            a, b = _parts(lines, first, close), _parts(lines, nxt[0], nxt[1])
-            if a is not None and b is not None:
-                (head, body_a, tail), (_, body_b, _) = a, b
-                pad = indent(lines[head[-1]])
-                out += [lines[x] for x in head]
-                out += [pad + "    {", *lines[body_a[0] : body_a[1]], pad + "    }"]
-                out += [pad + "    {", *lines[body_b[0] : body_b[1]], pad + "    }"]
-                out += [lines[x] for x in tail]
-                changed = True
-                j += 2
-                continue
+        # the longest run of loops from here that are fusable pairwise
+        run = [j]
+        while run[-1] + 1 < len(blocks) and all(
+            _fusable(blocks[m][2], blocks[run[-1] + 1][2]) for m in run
+        ):
+            run.append(run[-1] + 1)
+        parts = [_parts(lines, blocks[m][0], blocks[m][1]) for m in run]
+        if len(run) > 1 and all(part is not None for part in parts):
+            head, _, tail = parts[0]
+            pad = indent(lines[head[-1]])
+            out += [lines[x] for x in head]
+            for _, body, _ in parts:
+                out += [pad + "    {", *lines[body[0] : body[1]], pad + "    }"]
+            out += [lines[x] for x in tail]
+            changed = True
+            j = run[-1] + 1
+            continue
         out += lines[first : close + 1]
         j += 1
     return out if changed else None
 
 
-def _fusable(first: _Loop, second: _Loop | None) -> bool:
-    if second is None or first.accesses is None or second.accesses is None:
+def _fusable(first: _Loop | None, second: _Loop | None) -> bool:
+    if first is None or second is None or first.accesses is None or second.accesses is None:
         return False
     found = _HEADER.match(first.header)
     return first.header == second.header and found.group(4) == "1" and _independent(first, second)

@@ -37,6 +37,7 @@ from adamkit.execution.barriers import drop_barriers, fuse_row_loops
 from adamkit.execution.contraction import contract_sums
 from adamkit.execution.eager import write_param_
 from adamkit.execution.hoisting import hoist_invariants
+from adamkit.execution.localizing import hoist_row_loops, localize_row_temps
 from adamkit.execution.merging import merge_sum_loops
 from adamkit.execution.multi_tensor import moment_keys
 from adamkit.execution.sharing import share_row_values
@@ -561,7 +562,8 @@ CODEGEN_PATCHES = (
     "adamkit-codegen: lowp copies tiled (SR too), vector bitcasts x1/x2, aranges, prefetch 1024, "
     "int32->uint8 through int8, invariants hoisted from row loops (a name once a block), "
     "barriers dropped, signal sums merged into the update loop (p0 and dp too), row loops "
-    "fused, row values shared, sums of squares by fmadd"
+    "fused (runs of them), row values shared, sums of squares by fmadd, row temporaries on "
+    "the stack"
 )
 """Names the changes this module makes to inductor's C++ code generation while it compiles
 (:func:`_copies_follow_lowp_tiling`, :func:`_vector_bitcasts`, :func:`_vector_aranges`,
@@ -594,6 +596,7 @@ def _codegen_marker(device: torch.device):
     merged = "" if MERGE_SUM_LOOPS else "; sums not merged"
     merged += "" if CONTRACT_SUMS else "; sums not contracted"
     shared = "" if SHARE_ROW_VALUES else "; row values not shared"
+    shared += "" if LOCALIZE_ROW_TEMPS else "; row temporaries not local"
     key = f"{CODEGEN_PATCHES}; {mode}{merged}{shared}"
 
     class CodegenPatches(CustomGraphPass):
@@ -743,7 +746,11 @@ def _rewritten_source():
     - with :data:`SHARE_ROW_VALUES`, :func:`adamkit.execution.barriers.fuse_row_loops` runs a
       block-wise kernel's scale pass and main loop under one loop over rows, and
       :func:`adamkit.execution.sharing.share_row_values` keeps the new moments the scale pass
-      computed for the main loop (a row buffer in L1 instead of decoding them again);
+      computed for the main loop (a row buffer in L1 instead of decoding them again); with
+      :data:`LOCALIZE_ROW_TEMPS` too, the int4 pack loop first moves up behind the main loop
+      (:func:`adamkit.execution.localizing.hoist_row_loops`) to be fused with it, and the row
+      of unpacked codes between them stays on the stack
+      (:func:`adamkit.execution.localizing.localize_row_temps`);
     - :func:`adamkit.execution.barriers.drop_barriers` gives ``nowait`` to the worksharing
       loops that no later loop of the region can race with.
 
@@ -760,7 +767,11 @@ def _rewritten_source():
             if CONTRACT_SUMS:
                 source = contract_sums(source)
             if SHARE_ROW_VALUES:
+                if LOCALIZE_ROW_TEMPS:
+                    source = hoist_row_loops(source, buffers)
                 source = share_row_values(fuse_row_loops(source), buffers)
+                if LOCALIZE_ROW_TEMPS:
+                    source = localize_row_temps(source, _temporaries(buffers))
             source = drop_barriers(source)
             return original(self, source, *args, **kwargs)
 
@@ -782,6 +793,29 @@ SHARE_ROW_VALUES = True
 one loop over rows (:func:`adamkit.execution.barriers.fuse_row_loops`) and lets the main loop
 load the new moments the scale pass computed (:mod:`adamkit.execution.sharing`; tests and A/B
 timings switch it off)."""
+
+
+LOCALIZE_ROW_TEMPS = True
+"""Whether :func:`_rewritten_source` keeps a row's temporaries on the stack
+(:mod:`adamkit.execution.localizing`; tests and A/B timings switch it off)."""
+
+
+def _temporaries(buffers: dict[str, str]) -> Callable[[str], bool]:
+    """Whether a pointer argument names an intermediate buffer of the graph being compiled
+    (``bufN``, not one of its outputs); always False where inductor's structures are not as
+    expected."""
+    try:
+        from torch._inductor.virtualized import V
+
+        outputs = set(V.graph.get_output_names())
+    except Exception:  # noqa: BLE001 - another inductor: nothing is local
+        return lambda pointer: False
+
+    def temporary(pointer: str) -> bool:
+        name = buffers.get(pointer, "")
+        return re.fullmatch(r"buf\d+", name) is not None and name not in outputs
+
+    return temporary
 
 
 def _pointer_buffers(scheduling: Any, kernel_args: Any) -> dict[str, str]:
