@@ -562,8 +562,8 @@ CODEGEN_PATCHES = (
     "adamkit-codegen: lowp copies tiled (SR too), vector bitcasts x1/x2, aranges, prefetch 1024, "
     "int32->uint8 through int8, invariants hoisted from row loops (a name once a block), "
     "barriers dropped, signal sums merged into the update loop (p0 and dp too), row loops "
-    "fused (runs of them), row values shared, sums of squares by fmadd, row temporaries on "
-    "the stack"
+    "fused (runs of them), row values shared, sums of squares by fmadd, row temporaries of "
+    "the kernel's own nodes on the stack"
 )
 """Names the changes this module makes to inductor's C++ code generation while it compiles
 (:func:`_copies_follow_lowp_tiling`, :func:`_vector_bitcasts`, :func:`_vector_aranges`,
@@ -771,7 +771,8 @@ def _rewritten_source():
                     source = hoist_row_loops(source, buffers)
                 source = share_row_values(fuse_row_loops(source), buffers)
                 if LOCALIZE_ROW_TEMPS:
-                    source = localize_row_temps(source, _temporaries(buffers))
+                    nodes = args[0] if args else kwargs.get("nodes", ())
+                    source = localize_row_temps(source, _temporaries(buffers, nodes))
             source = drop_barriers(source)
             return original(self, source, *args, **kwargs)
 
@@ -800,20 +801,27 @@ LOCALIZE_ROW_TEMPS = True
 (:mod:`adamkit.execution.localizing`; tests and A/B timings switch it off)."""
 
 
-def _temporaries(buffers: dict[str, str]) -> Callable[[str], bool]:
-    """Whether a pointer argument names an intermediate buffer of the graph being compiled
-    (``bufN``, not one of its outputs); always False where inductor's structures are not as
-    expected."""
+def _temporaries(buffers: dict[str, str], nodes: Any) -> Callable[[str], bool]:
+    """Whether a pointer argument names an intermediate buffer of the kernel being defined:
+    ``bufN``, not an output of the graph, read by no scheduler node outside ``nodes`` (the
+    kernel's own). Always False where inductor's structures are not as expected."""
     try:
         from torch._inductor.virtualized import V
 
         outputs = set(V.graph.get_output_names())
+        users = V.graph.scheduler.name_to_buf
+        inside = {n.get_name() for node in nodes for n in (node, *node.get_nodes())}
     except Exception:  # noqa: BLE001 - another inductor: nothing is local
         return lambda pointer: False
 
     def temporary(pointer: str) -> bool:
         name = buffers.get(pointer, "")
-        return re.fullmatch(r"buf\d+", name) is not None and name not in outputs
+        if re.fullmatch(r"buf\d+", name) is None or name in outputs:
+            return False
+        try:
+            return all(user.node.get_name() in inside for user in users[name].users)
+        except Exception:  # noqa: BLE001
+            return False
 
     return temporary
 
