@@ -25,6 +25,11 @@ the second's, and so on. A thread then finishes a row while its data is in L1 (a
 kernel's scale pass and main loop read the same gradient and codes), and a later body can use
 what an earlier one computed (:mod:`adamkit.execution.sharing`,
 :mod:`adamkit.execution.localizing`).
+
+The readers of the parallel regions, their worksharing blocks and the row indices
+(:func:`parallel_regions`, :func:`worksharing_blocks`, :func:`loop_parts`, :class:`Loop`,
+:func:`split_argument`, :func:`index_combos`, ``LOOP_HEADER``, ``INT_LITERAL``, ``CAST``) are
+shared with :mod:`adamkit.execution.localizing`.
 """
 
 from __future__ import annotations
@@ -36,11 +41,11 @@ from adamkit.execution.cpp_source import LITERAL_FOR, POINTER, block_end, indent
 
 _PARALLEL = re.compile(r"^\s*#pragma omp parallel\b")
 _OMP_FOR = "#pragma omp for"
-_HEADER = re.compile(
+LOOP_HEADER = re.compile(
     r"^for\(int64_t (x\d+)=static_cast<int64_t>\((.*?)\); \1<static_cast<int64_t>\((.*?)\); "
     r"\1\+=static_cast<int64_t>\((\d+)L\)\)$"
 )
-_CAST = "static_cast<int64_t>("
+CAST = "static_cast<int64_t>("
 
 
 def drop_barriers(source: str) -> str:
@@ -48,14 +53,14 @@ def drop_barriers(source: str) -> str:
     barrier no later loop needs (see the module docstring)."""
     lines = source.split("\n")
     changed = {}
-    for start, end in _parallel_regions(lines):
+    for start, end in parallel_regions(lines):
         changed.update(_region(lines, start, end))
     if not changed:
         return source
     return "\n".join(changed.get(k, line) for k, line in enumerate(lines))
 
 
-def _parallel_regions(lines: list[str]):
+def parallel_regions(lines: list[str]):
     """(first line, closing line) of the body of each ``#pragma omp parallel`` block."""
     for i, line in enumerate(lines):
         if _PARALLEL.match(line) and i + 1 < len(lines) and lines[i + 1].strip() == "{":
@@ -64,7 +69,7 @@ def _parallel_regions(lines: list[str]):
                 yield i + 2, end
 
 
-def _blocks(lines: list[str], start: int, end: int) -> list[tuple] | None:
+def worksharing_blocks(lines: list[str], start: int, end: int) -> list[tuple] | None:
     """The region between ``start`` and ``end`` as (first line, last line, worksharing loop
     or None): one entry per top-level block, one per other line; None when a block is open."""
     items: list[tuple] = []
@@ -82,7 +87,7 @@ def _blocks(lines: list[str], start: int, end: int) -> list[tuple] | None:
     return items
 
 
-class _Loop:
+class Loop:
     """One worksharing loop: its pragma line, header and accesses by pointer."""
 
     def __init__(self, pragma: int, header: str, accesses: dict | None):
@@ -96,7 +101,7 @@ class _Loop:
 
 def _region(lines: list[str], start: int, end: int) -> dict[int, str]:
     """New pragma lines for the loops of the parallel region between ``start`` and ``end``."""
-    blocks = _blocks(lines, start, end)
+    blocks = worksharing_blocks(lines, start, end)
     if blocks is None:
         return {}
     items = [  # None: anything but a plain worksharing block
@@ -105,8 +110,8 @@ def _region(lines: list[str], start: int, end: int) -> dict[int, str]:
         if first != last or lines[first].strip() not in ("", "int tid = omp_get_thread_num();")
     ]
     changed: dict[int, str] = {}
-    pending: list[_Loop] = []
-    previous: _Loop | None = None
+    pending: list[Loop] = []
+    previous: Loop | None = None
     for item in items:
         if item is None or item.accesses is None:
             pending, previous = [], None
@@ -125,13 +130,13 @@ def _pragma(line: str, nowait: bool) -> str:
     return indent(line) + _OMP_FOR + " schedule(static)" + (" nowait" if nowait else "")
 
 
-def _worksharing(lines: list[str], open_line: int, close: int) -> _Loop | None:
+def _worksharing(lines: list[str], open_line: int, close: int) -> Loop | None:
     """The loop of the block ``{ #pragma omp for / for(...) { body } }``, else None."""
     inner = [k for k in range(open_line + 1, close) if lines[k].strip()]
     if len(inner) < 3 or lines[inner[0]].strip() != _OMP_FOR:
         return None
     header = lines[inner[1]].strip()
-    found = _HEADER.match(header)
+    found = LOOP_HEADER.match(header)
     if found is None or lines[inner[2]].strip() != "{":
         return None
     body_close = block_end(lines, inner[2])
@@ -143,7 +148,7 @@ def _worksharing(lines: list[str], open_line: int, close: int) -> _Loop | None:
         # not a loop over rows (a vector of elements an iteration): reads and writes count,
         # rows do not
         accesses = {p: [(w, None, 0) for w, _, _ in acc] for p, acc in accesses.items()}
-    return _Loop(inner[0], header, accesses)
+    return Loop(inner[0], header, accesses)
 
 
 def _accesses(body: list[str], var: str) -> dict | None:
@@ -180,17 +185,17 @@ def _accesses(body: list[str], var: str) -> dict | None:
 def _access(line: str, start: int, end: int) -> tuple[str | None, str]:
     """(kind, index expression) of the pointer named at ``line[start:end]``."""
     before, after = line[:start], line[end:]
-    if after.startswith("[" + _CAST):
+    if after.startswith("[" + CAST):
         # only inductor's two forms: `auto tmpN = ptr[i];` and `ptr[i] = value;` (anything
         # else, an atomic add or a compound assignment, makes the loop unreadable)
-        index, rest = _argument(after[1 + len(_CAST) :])
+        index, rest = split_argument(after[1 + len(CAST) :])
         if re.fullmatch(r"\s*auto tmp\d+ = ", before) and rest == "];":
             return "load", index
         if not before.strip() and rest.startswith("] = "):
             return "store", index
         return None, ""
-    if after.startswith(" + " + _CAST):
-        index, _ = _argument(after[3 + len(_CAST) :])
+    if after.startswith(" + " + CAST):
+        index, _ = split_argument(after[3 + len(CAST) :])
         if before.endswith("__builtin_prefetch("):
             return "prefetch", index
         if before.endswith(".store("):
@@ -200,7 +205,7 @@ def _access(line: str, start: int, end: int) -> tuple[str | None, str]:
     return None, ""
 
 
-def _argument(text: str) -> tuple[str, str]:
+def split_argument(text: str) -> tuple[str, str]:
     """The text up to the parenthesis that closes an opened one, and what follows it."""
     depth = 1
     for k, char in enumerate(text):
@@ -210,28 +215,28 @@ def _argument(text: str) -> tuple[str, str]:
     return text, ""
 
 
-_INT_LITERAL = re.compile(r"\b(\d+)L\b")
+INT_LITERAL = re.compile(r"\b(\d+)L\b")
 
 
 def _row(index: str, var: str, inner: list[tuple[str, list[int]]]) -> tuple[int, int] | None:
     """``(a, largest r)`` when ``index`` is ``a * var + r(inner vars)`` with a fixed ``a > 0``
     and ``r >= 0`` for every value of the inner variables (the largest r plus the access's
     width is checked against ``a`` later); None for any other expression."""
-    expr = index.replace(_CAST, "(")
-    expr = _INT_LITERAL.sub(r"\1", expr).replace("c10::div_floor_integer", "_floor_div")
-    names = set(re.findall(r"\b[A-Za-z_]\w*\b", expr)) - {"_floor_div"}
+    expr = index.replace(CAST, "(")
+    expr = INT_LITERAL.sub(r"\1", expr).replace("c10::div_floor_integer", "floor_div")
+    names = set(re.findall(r"\b[A-Za-z_]\w*\b", expr)) - {"floor_div"}
     if not names <= {var, *(n for n, _ in inner)}:
         return None  # a size symbol or anything else: not a fixed row
     try:
         code = compile(expr, "<index>", "eval")
     except SyntaxError:
         return None
-    values = [dict(zip((n for n, _ in inner), combo)) for combo in _combos(inner)]
+    values = [dict(zip((n for n, _ in inner), combo)) for combo in index_combos(inner)]
     rows = set()
     low, high = None, None
     for env in values:
-        at0 = eval(code, {"_floor_div": _floor_div}, {**env, var: 0})  # noqa: S307
-        at1 = eval(code, {"_floor_div": _floor_div}, {**env, var: 1})  # noqa: S307
+        at0 = eval(code, {"floor_div": floor_div}, {**env, var: 0})  # noqa: S307
+        at1 = eval(code, {"floor_div": floor_div}, {**env, var: 1})  # noqa: S307
         rows.add(at1 - at0)
         low = at0 if low is None else min(low, at0)
         high = at0 if high is None else max(high, at0)
@@ -241,17 +246,17 @@ def _row(index: str, var: str, inner: list[tuple[str, list[int]]]) -> tuple[int,
     return (a, high) if a > 0 and low is not None and low >= 0 else None
 
 
-def _combos(inner: list[tuple[str, list[int]]]):
+def index_combos(inner: list[tuple[str, list[int]]]):
     if not inner:
         return [()]
     return itertools.product(*(r for _, r in inner))
 
 
-def _floor_div(a: int, b: int) -> int:
+def floor_div(a: int, b: int) -> int:
     return a // b
 
 
-def _independent(earlier: _Loop, later: _Loop) -> bool:
+def _independent(earlier: Loop, later: Loop) -> bool:
     """Whether ``later`` may start on its rows before other threads finish ``earlier``."""
     shared = (earlier.writes() | later.writes()) & set(earlier.accesses) & set(later.accesses)
     if not shared:
@@ -280,7 +285,7 @@ def fuse_row_loops(source: str) -> str:
     lines = source.split("\n")
     out: list[str] = []
     k = 0
-    for start, end in _parallel_regions(lines):
+    for start, end in parallel_regions(lines):
         if start < k:
             continue  # inside a region already fused
         region = _fused_region(lines, start, end)
@@ -292,7 +297,7 @@ def fuse_row_loops(source: str) -> str:
 
 def _fused_region(lines: list[str], start: int, end: int) -> list[str] | None:
     """The region's lines with its fusable pairs of loops fused; None when there are none."""
-    blocks = _blocks(lines, start, end)
+    blocks = worksharing_blocks(lines, start, end)
     if blocks is None:
         return None
     out: list[str] = []
@@ -306,7 +311,7 @@ def _fused_region(lines: list[str], start: int, end: int) -> list[str] | None:
             _fusable(blocks[m][2], blocks[run[-1] + 1][2]) for m in run
         ):
             run.append(run[-1] + 1)
-        parts = [_parts(lines, blocks[m][0], blocks[m][1]) for m in run]
+        parts = [loop_parts(lines, blocks[m][0], blocks[m][1]) for m in run]
         if len(run) > 1 and all(part is not None for part in parts):
             head, _, tail = parts[0]
             pad = indent(lines[head[-1]])
@@ -322,14 +327,14 @@ def _fused_region(lines: list[str], start: int, end: int) -> list[str] | None:
     return out if changed else None
 
 
-def _fusable(first: _Loop | None, second: _Loop | None) -> bool:
+def _fusable(first: Loop | None, second: Loop | None) -> bool:
     if first is None or second is None or first.accesses is None or second.accesses is None:
         return False
-    found = _HEADER.match(first.header)
+    found = LOOP_HEADER.match(first.header)
     return first.header == second.header and found.group(4) == "1" and _independent(first, second)
 
 
-def _parts(lines: list[str], open_line: int, close: int):
+def loop_parts(lines: list[str], open_line: int, close: int):
     """(head line indices, (body start, body end), tail line indices) of a worksharing block
     ``{ #pragma omp for / for(...) / { body } }``; None for another shape."""
     inner = [k for k in range(open_line + 1, close) if lines[k].strip()]

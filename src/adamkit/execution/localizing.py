@@ -32,19 +32,19 @@ import re
 from collections.abc import Callable
 
 from adamkit.execution.barriers import (
-    _HEADER,
-    _INT_LITERAL,
-    _argument,
-    _blocks,
-    _combos,
-    _floor_div,
-    _Loop,
-    _parallel_regions,
-    _parts,
+    CAST,
+    INT_LITERAL,
+    LOOP_HEADER,
+    Loop,
+    floor_div,
+    index_combos,
+    loop_parts,
+    parallel_regions,
+    split_argument,
+    worksharing_blocks,
 )
 from adamkit.execution.cpp_source import LITERAL_FOR, block_end, indent, no_prefetch
 
-_CAST = "static_cast<int64_t>("
 _SIGNATURE = re.compile(r"^\s*(?:const\s+)?([A-Za-z_][\w:]*)\*\s+((?:in_out|in|out)_ptr\d+)[,)]")
 
 
@@ -56,7 +56,7 @@ def hoist_row_loops(source: str, aliases: dict[str, str]) -> str:
     lines = source.split("\n")
     out: list[str] = []
     k = 0
-    for start, end in _parallel_regions(lines):
+    for start, end in parallel_regions(lines):
         if start < k:
             continue
         region = _hoisted_region(lines, start, end, aliases)
@@ -66,12 +66,12 @@ def hoist_row_loops(source: str, aliases: dict[str, str]) -> str:
     return "\n".join(out + lines[k:]) if out else source
 
 
-def _buffers(loop: _Loop, aliases: dict[str, str]) -> set[str]:
+def _buffers(loop: Loop, aliases: dict[str, str]) -> set[str]:
     return {aliases.get(p, p) for p in loop.accesses}
 
 
 def _hoisted_region(lines, start: int, end: int, aliases: dict[str, str]) -> list[str] | None:
-    blocks = _blocks(lines, start, end)
+    blocks = worksharing_blocks(lines, start, end)
     if blocks is None:
         return None
     order = list(range(len(blocks)))
@@ -105,10 +105,10 @@ def _hoisted_region(lines, start: int, end: int, aliases: dict[str, str]) -> lis
     return [line for j in order for line in lines[blocks[j][0] : blocks[j][1] + 1]]
 
 
-def _row_loop(loop: _Loop | None) -> bool:
+def _row_loop(loop: Loop | None) -> bool:
     if loop is None or loop.accesses is None:
         return False
-    found = _HEADER.match(loop.header)
+    found = LOOP_HEADER.match(loop.header)
     return found is not None and found.group(4) == "1"
 
 
@@ -119,16 +119,16 @@ def localize_row_temps(source: str, temporary: Callable[[str], bool]) -> str:
     lines = source.split("\n")
     types = _pointer_types(lines)
     changed = False
-    for start, end in list(_parallel_regions(lines)):
-        blocks = _blocks(lines, start, end)
+    for start, end in list(parallel_regions(lines)):
+        blocks = worksharing_blocks(lines, start, end)
         for first, close, loop in blocks or ():
             if not _row_loop(loop):
                 continue
-            parts = _parts(lines, first, close)
+            parts = loop_parts(lines, first, close)
             if parts is None:
                 continue
             head, (body_start, body_end), _ = parts
-            var = _HEADER.match(loop.header).group(1)
+            var = LOOP_HEADER.match(loop.header).group(1)
             outside = "\n".join(lines[:first] + lines[close + 1 :])
             for pointer in sorted(loop.accesses):
                 dtype = types.get(pointer)
@@ -213,16 +213,16 @@ def _row_size(body: list[str], pointer: str, var: str) -> int | None:
 def _access(line: str, start: int, end: int) -> tuple[str | None, str, int]:
     """(``"read"`` or ``"write"``, index, entries) of the pointer at ``line[start:end]``."""
     before, after = line[:start], line[end:]
-    if after.startswith(" + " + _CAST):
-        index, rest = _argument(after[3 + len(_CAST) :])
+    if after.startswith(" + " + CAST):
+        index, rest = split_argument(after[3 + len(CAST) :])
         lanes = re.match(r"^, static_cast<int64_t>\((\d+)\)\)", rest)
         if before.endswith("::loadu(") and lanes is not None:
             return "read", index, int(lanes.group(1))
         if before.endswith(".store("):
             if lanes is not None:
                 return "write", index, int(lanes.group(1))
-    if after.startswith("[" + _CAST):
-        index, rest = _argument(after[1 + len(_CAST) :])
+    if after.startswith("[" + CAST):
+        index, rest = split_argument(after[1 + len(CAST) :])
         if re.fullmatch(r"\s*auto tmp\d+ = ", before) and rest == "];":
             return "read", index, 1
         if not before.strip() and rest.startswith("] = "):
@@ -233,9 +233,9 @@ def _access(line: str, start: int, end: int) -> tuple[str | None, str, int]:
 def _offsets(index: str, var: str, inner, rows: set[int]) -> set[int] | None:
     """The values of ``index - a * var`` over the inner loops' values (``a`` added to
     ``rows``), when ``index`` is affine in ``var`` with ``r >= 0``; else None."""
-    expr = index.replace(_CAST, "(")
-    expr = _INT_LITERAL.sub(r"\1", expr).replace("c10::div_floor_integer", "_floor_div")
-    names = set(re.findall(r"\b[A-Za-z_]\w*\b", expr)) - {"_floor_div"}
+    expr = index.replace(CAST, "(")
+    expr = INT_LITERAL.sub(r"\1", expr).replace("c10::div_floor_integer", "floor_div")
+    names = set(re.findall(r"\b[A-Za-z_]\w*\b", expr)) - {"floor_div"}
     if not names <= {var, *(n for n, _ in inner)}:
         return None
     try:
@@ -243,10 +243,10 @@ def _offsets(index: str, var: str, inner, rows: set[int]) -> set[int] | None:
     except SyntaxError:
         return None
     offsets = set()
-    for combo in _combos(inner):
+    for combo in index_combos(inner):
         env = dict(zip((n for n, _ in inner), combo))
-        at0 = eval(code, {"_floor_div": _floor_div}, {**env, var: 0})  # noqa: S307
-        at1 = eval(code, {"_floor_div": _floor_div}, {**env, var: 1})  # noqa: S307
+        at0 = eval(code, {"floor_div": floor_div}, {**env, var: 0})  # noqa: S307
+        at1 = eval(code, {"floor_div": floor_div}, {**env, var: 1})  # noqa: S307
         if at0 < 0:
             return None
         rows.add(at1 - at0)
@@ -260,9 +260,9 @@ def _relocated(line: str, pointer: str, name: str, size: int, var: str) -> str:
     k = 0
     for found in re.finditer(rf"\b{pointer}\b", line):
         after = line[found.end() :]
-        for lead in (" + " + _CAST, "[" + _CAST):
+        for lead in (" + " + CAST, "[" + CAST):
             if after.startswith(lead):
-                index, _ = _argument(after[len(lead) :])
+                index, _ = split_argument(after[len(lead) :])
                 out.append(line[k : found.start()])
                 out.append(f"{name}{lead}({index}) - {size}L*{var})")
                 k = found.end() + len(lead) + len(index) + 1
