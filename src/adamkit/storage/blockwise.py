@@ -280,11 +280,14 @@ def _float_codes(
     if signed:
         low = _pattern_value(base, shift)
         mag = mag * (1.0 - low) + low
+    # k = ((bits + round) >> shift) - base, with base << shift taken off before the shift
+    # (exact: a multiple of 2^shift; no overflow, bits + round < 2^31) so that the compiler
+    # folds it into the constant of the noise: one vector instruction fewer per moment
     if u is None:
-        round_bits = 1 << (shift - 1)
+        round_bits = (1 << (shift - 1)) - (base << shift)
     else:
-        round_bits = noise_bits(u, shift)
-    k = ((mag.view(torch.int32) + round_bits) >> shift) - base
+        round_bits = noise_bits(u, shift) - (base << shift)
+    k = (mag.view(torch.int32) + round_bits) >> shift
     # mag <= 1 (clamped), and the added bits stay below one level, so k <= top; the signed
     # map adds f(0) first, so there k >= 0 too (for finite values; a non-finite one makes the
     # block's scale non-finite, which every code then decodes through). Only the unsigned map
