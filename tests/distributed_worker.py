@@ -34,6 +34,11 @@ COMPILED_DTYPES = ("float32", "bfloat16", "int8", "int4")  # FSDP2 with backend=
 HPARAMS = {"lr": 1e-2, "betas": (0.9, 0.99), "weight_decay": 0.1}
 RESUME_STEP = 3  # the checkpoint tests save after this many steps
 
+if "ADAMKIT_TEST_KERNEL_WIDTH" in os.environ:  # the suite's kernel width (tests/conftest.py)
+    from adamkit.execution import plan
+
+    plan.MIXED_WIDTH = plan.SMALL_WIDTH = int(os.environ["ADAMKIT_TEST_KERNEL_WIDTH"])
+
 
 # ---------------------------------------------------------------------------------------------
 # the model, the data and one training step (shared with the single-process reference)

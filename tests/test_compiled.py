@@ -332,6 +332,25 @@ def test_whole_block_wise_grads_step_as_the_eager_path_does() -> None:
     assert {call.kernel.spec.layout for call in plan.calls} == {"small", "mixed"}
 
 
+def test_kernels_of_adamkits_widths_match_eager(monkeypatch) -> None:
+    """The suite compiles kernels of 2 tensors (tests/conftest.py: compile time); adamkit's
+    mixed kernels take 8. At that width, nine mixed tensors (a full kernel, then one slot and
+    seven of padding) step as the eager path steps them, int8 state with stochastic rounding
+    in every slot."""
+    from adamkit.execution import plan
+
+    monkeypatch.setattr(plan, "MIXED_WIDTH", 8)
+    shapes = [(20 + k, 256) for k in range(9)]
+    kwargs = dict(lr=1e-2, weight_decay=0.1, state_dtype="int8", min_quantized_size=0, seed=7)
+    ours, ref, opt, ref_opt = _pair(shapes, **kwargs)
+    _step_pair(ours, ref, opt, ref_opt, steps=2)
+    _assert_decoded_close(ours, ref, opt, ref_opt, param_tol=2e-5, moment_tol=2e-2)
+    plan_ = opt._executor._plans[0]
+    assert plan_.eager == [] and plan_.failed == []
+    calls = [(c.kernel.spec.layout, c.kernel.spec.width, len(c.members)) for c in plan_.calls]
+    assert sorted(calls) == [("mixed", 8, 1), ("mixed", 8, 8)], calls
+
+
 def test_row_loops_without_barriers_step_every_tensor_as_the_eager_path_does() -> None:
     """An int4 chunk of the mixed layout (each tensor's loops in one parallel region) on two
     threads runs a tensor's scale, main and packing loops without the barriers between them
@@ -517,12 +536,6 @@ def _variants(monkeypatch, flags: list[dict[str, bool]], passes: dict, run):
     return runs, {name: any(s) for name, s in seen.items()}
 
 
-def _with_and_without(monkeypatch, flag: str, text_pass: str, applied, run):
-    """:func:`_variants` with ``kernels.<flag>`` on, then off, and one text pass."""
-    runs, seen = _variants(monkeypatch, [{flag: True}, {flag: False}], {text_pass: applied}, run)
-    return runs, seen[text_pass]
-
-
 def test_merged_and_contracted_sums_change_no_update_bit(monkeypatch) -> None:
     """kernels.MERGE_SUM_LOOPS (adamkit.execution.merging: a signals kernel's per-row sums
     computed in the loop that writes the row) changes no bit of the sums, the params or the
@@ -565,39 +578,14 @@ def test_merged_and_contracted_sums_change_no_update_bit(monkeypatch) -> None:
                 assert torch.equal(opt.state[p][key], ref.state[q][key]), (p.shape, key)
 
 
-def test_shared_row_values_change_no_bit(monkeypatch) -> None:
+def test_shared_row_values_and_row_temporaries_change_no_bit(monkeypatch) -> None:
     """With kernels.SHARE_ROW_VALUES (a block-wise kernel's scale pass and main loop under one
-    loop over rows, the main loop loading the new moments the scale pass computed) the params
-    and the stored codes and scales are those of the kernels without it, bit for bit, and the
-    passes did apply. (int8 only, for time: int4's shared kernels meet the eager path in the
-    tests above.)"""
-
-    def run():
-        ps = _model([(40, 512)])
-        opt = adamkit.AdamW(ps, lr=1e-2, weight_decay=0.1, backend="compiled", state_dtype="int8")
-        for step in range(3):
-            _set_grads(ps, step)
-            opt.step()
-        assert opt._executor._plans[0].eager == [] and opt._executor._plans[0].failed == []
-        return ps, opt
-
-    runs, shared = _with_and_without(
-        monkeypatch, "SHARE_ROW_VALUES", "share_row_values", lambda out, src: "abuf" in out, run
-    )
-    assert shared
-    (ps, opt), (ref_ps, ref) = runs
-    for p, q in zip(ps, ref_ps):
-        assert torch.equal(p, q), p.shape
-        for key, value in opt.state[p].items():
-            if isinstance(value, torch.Tensor):
-                assert torch.equal(value, ref.state[q][key]), (p.shape, key)
-
-
-def test_row_temporaries_on_the_stack_change_no_bit(monkeypatch) -> None:
-    """With kernels.LOCALIZE_ROW_TEMPS (an int4 kernel's pack loops moved up and fused with
-    its main loop, the row of unpacked codes between them kept on the stack instead of a
-    buffer the size of the moment) the params and the stored codes and scales are those of
-    the kernels without it, bit for bit, on two threads, and the pass did apply."""
+    loop over rows, the main loop loading the new moments the scale pass computed) and
+    kernels.LOCALIZE_ROW_TEMPS (an int4 kernel's pack loops moved up and fused with its main
+    loop, the row of unpacked codes between them kept on the stack instead of a buffer the
+    size of the moment) the params and the stored codes and scales are those of the kernels
+    without either, bit for bit, on two threads, and both passes did apply. (int4, whose
+    kernels take both passes; int8's shared kernels meet the eager path in the tests above.)"""
 
     def run():
         ps = _model([(40, 512)])
@@ -608,19 +596,21 @@ def test_row_temporaries_on_the_stack_change_no_bit(monkeypatch) -> None:
         assert opt._executor._plans[0].eager == [] and opt._executor._plans[0].failed == []
         return ps, opt
 
+    flags = [
+        {"SHARE_ROW_VALUES": True, "LOCALIZE_ROW_TEMPS": True},
+        {"SHARE_ROW_VALUES": False, "LOCALIZE_ROW_TEMPS": False},
+    ]
+    passes = {
+        "share_row_values": lambda out, src: "abuf" in out,
+        "localize_row_temps": lambda out, src: "lbuf_" in out,
+    }
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        runs, localized = _with_and_without(
-            monkeypatch,
-            "LOCALIZE_ROW_TEMPS",
-            "localize_row_temps",
-            lambda out, src: "lbuf_" in out,
-            run,
-        )
+        runs, applied = _variants(monkeypatch, flags, passes, run)
     finally:
         torch.set_num_threads(threads)
-    assert localized
+    assert applied == {"share_row_values": True, "localize_row_temps": True}
     (ps, opt), (ref_ps, ref) = runs
     for p, q in zip(ps, ref_ps):
         assert torch.equal(p, q), p.shape
