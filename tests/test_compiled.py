@@ -332,6 +332,35 @@ def test_whole_block_wise_grads_step_as_the_eager_path_does() -> None:
     assert {call.kernel.spec.layout for call in plan.calls} == {"small", "mixed"}
 
 
+def test_a_nonfinite_value_makes_its_block_scale_nonfinite_as_eager() -> None:
+    """A NaN or an inf in the grad makes the scale of its block non-finite in the compiled
+    kernels (the block maxima over int32 bit patterns, adamkit.execution.maxima, let a NaN
+    win), as in the eager path: NaN for a NaN, inf for an inf, every other block's scale
+    as eager's."""
+    shapes = [(4, 256), (512,), (8, 128), (300, 7), (64, 128)]  # as the test above: its kernels
+    kwargs = dict(lr=1e-2, weight_decay=0.1, state_dtype="int8", min_quantized_size=0, seed=3)
+    ours, ref, opt, ref_opt = _pair(shapes, **kwargs)
+    _step_pair(ours, ref, opt, ref_opt, steps=1)
+    for params in (ours, ref):
+        _set_grads(params, 1)
+        params[0].grad[1, 3] = float("nan")  # block 1 of the small slot
+        params[4].grad[10, 5] = float("inf")  # block 5 of the mixed slot
+        params[4].grad[40, 0] = float("nan")  # block 20
+    opt.step(), ref_opt.step()
+    for p, q in zip(ours, ref):
+        for key in ("exp_avg_absmax", "exp_avg_sq_absmax"):
+            got, want = opt.state[p][key], ref_opt.state[q][key]
+            assert torch.equal(got.isnan(), want.isnan()), (p.shape, key)
+            assert torch.equal(got.isinf(), want.isinf()), (p.shape, key)
+            finite = want.isfinite()
+            assert relative_error(got[finite], want[finite]) <= 2e-2, (p.shape, key)
+    nan_blocks = {0: [1], 4: [20]}
+    for i, blocks in nan_blocks.items():
+        scale = opt.state[ours[i]]["exp_avg_sq_absmax"]
+        assert scale[blocks].isnan().all() and scale.isnan().sum() == len(blocks)
+    assert opt.state[ours[4]]["exp_avg_absmax"][5].isinf()
+
+
 def test_kernels_of_adamkits_widths_match_eager(monkeypatch) -> None:
     """The suite compiles kernels of 2 tensors (tests/conftest.py: compile time); adamkit's
     mixed kernels take 8. At that width, nine mixed tensors (a full kernel, then one slot and
@@ -578,14 +607,15 @@ def test_merged_and_contracted_sums_change_no_update_bit(monkeypatch) -> None:
                 assert torch.equal(opt.state[p][key], ref.state[q][key]), (p.shape, key)
 
 
-def test_shared_row_values_and_row_temporaries_change_no_bit(monkeypatch) -> None:
+def test_shared_row_values_row_temporaries_and_integer_maxima_change_no_bit(monkeypatch) -> None:
     """With kernels.SHARE_ROW_VALUES (a block-wise kernel's scale pass and main loop under one
-    loop over rows, the main loop loading the new moments the scale pass computed) and
+    loop over rows, the main loop loading the new moments the scale pass computed),
     kernels.LOCALIZE_ROW_TEMPS (an int4 kernel's pack loops moved up and fused with its main
     loop, the row of unpacked codes between them kept on the stack instead of a buffer the
-    size of the moment) the params and the stored codes and scales are those of the kernels
-    without either, bit for bit, on two threads, and both passes did apply. (int4, whose
-    kernels take both passes; int8's shared kernels meet the eager path in the tests above.)"""
+    size of the moment) and kernels.INTEGER_MAXIMA (the block maxima over int32 bit patterns)
+    the params and the stored codes and scales are those of the kernels without any of them,
+    bit for bit, on two threads, and every pass did apply. (int4, whose kernels take all
+    three; int8's meet the eager path in the tests above.)"""
 
     def run():
         ps = _model([(40, 512)])
@@ -597,12 +627,13 @@ def test_shared_row_values_and_row_temporaries_change_no_bit(monkeypatch) -> Non
         return ps, opt
 
     flags = [
-        {"SHARE_ROW_VALUES": True, "LOCALIZE_ROW_TEMPS": True},
-        {"SHARE_ROW_VALUES": False, "LOCALIZE_ROW_TEMPS": False},
+        {"SHARE_ROW_VALUES": True, "LOCALIZE_ROW_TEMPS": True, "INTEGER_MAXIMA": True},
+        {"SHARE_ROW_VALUES": False, "LOCALIZE_ROW_TEMPS": False, "INTEGER_MAXIMA": False},
     ]
     passes = {
         "share_row_values": lambda out, src: "abuf" in out,
         "localize_row_temps": lambda out, src: "lbuf_" in out,
+        "integer_maxima": lambda out, src: "at::vec::cast<int32_t>(tmp_acc" in out,
     }
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
@@ -610,7 +641,7 @@ def test_shared_row_values_and_row_temporaries_change_no_bit(monkeypatch) -> Non
         runs, applied = _variants(monkeypatch, flags, passes, run)
     finally:
         torch.set_num_threads(threads)
-    assert applied == {"share_row_values": True, "localize_row_temps": True}
+    assert applied == {"share_row_values": True, "localize_row_temps": True, "integer_maxima": True}
     (ps, opt), (ref_ps, ref) = runs
     for p, q in zip(ps, ref_ps):
         assert torch.equal(p, q), p.shape

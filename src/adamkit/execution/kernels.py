@@ -38,6 +38,7 @@ from adamkit.execution.contraction import contract_sums
 from adamkit.execution.eager import write_param_
 from adamkit.execution.hoisting import hoist_invariants
 from adamkit.execution.localizing import hoist_row_loops, localize_row_temps
+from adamkit.execution.maxima import integer_maxima
 from adamkit.execution.merging import merge_sum_loops
 from adamkit.execution.multi_tensor import moment_keys
 from adamkit.execution.sharing import share_row_values
@@ -563,7 +564,7 @@ CODEGEN_PATCHES = (
     "int32->uint8 through int8, invariants hoisted from row loops (a name once a block), "
     "barriers dropped, signal sums merged into the update loop (p0 and dp too), row loops "
     "fused (runs of them), row values shared, sums of squares by fmadd, row temporaries of "
-    "the kernel's own nodes on the stack"
+    "the kernel's own nodes on the stack, block maxima of magnitudes as int32 maxima"
 )
 """Names the changes this module makes to inductor's C++ code generation while it compiles
 (:func:`_copies_follow_lowp_tiling`, :func:`_vector_bitcasts`, :func:`_vector_aranges`,
@@ -733,7 +734,7 @@ def _prefetched_loads():
 
 
 def _rewritten_source():
-    """While compiling a kernel: six passes over the C++ source inductor writes.
+    """While compiling a kernel: seven passes over the C++ source inductor writes.
 
     - :func:`adamkit.execution.hoisting.hoist_invariants` moves the loop-invariant lines of
       innermost row loops (a block's scale, the step's scalars and what derives from them
@@ -743,6 +744,8 @@ def _rewritten_source():
       arguments name the same buffer (:func:`_pointer_buffers`);
     - :func:`adamkit.execution.contraction.contract_sums` (with :data:`CONTRACT_SUMS`)
       accumulates its sums of squares with fused multiply-adds;
+    - :func:`adamkit.execution.maxima.integer_maxima` (with :data:`INTEGER_MAXIMA`) takes a
+      block-wise kernel's block maxima of magnitudes over their int32 bit patterns;
     - with :data:`SHARE_ROW_VALUES`, :func:`adamkit.execution.barriers.fuse_row_loops` runs a
       block-wise kernel's scale pass and main loop under one loop over rows, and
       :func:`adamkit.execution.sharing.share_row_values` keeps the new moments the scale pass
@@ -766,6 +769,8 @@ def _rewritten_source():
                 source = merge_sum_loops(source, buffers)
             if CONTRACT_SUMS:
                 source = contract_sums(source)
+            if INTEGER_MAXIMA:
+                source = integer_maxima(source)
             if SHARE_ROW_VALUES:
                 if LOCALIZE_ROW_TEMPS:
                     source = hoist_row_loops(source, buffers)
@@ -788,6 +793,10 @@ MERGE_SUM_LOOPS = True
 CONTRACT_SUMS = True
 """Whether :func:`_rewritten_source` accumulates a signals kernel's sums of squares with fused
 multiply-adds (:mod:`adamkit.execution.contraction`; tests and A/B timings switch it off)."""
+
+INTEGER_MAXIMA = True
+"""Whether :func:`_rewritten_source` takes the block maxima of magnitudes as integer maxima of
+their bit patterns (:mod:`adamkit.execution.maxima`; tests and A/B timings switch it off)."""
 
 SHARE_ROW_VALUES = True
 """Whether :func:`_rewritten_source` fuses a block-wise kernel's scale pass and main loop under
