@@ -312,6 +312,21 @@ def test_a_whole_grad_is_passed_as_the_same_rows_without_the_general_views(
     assert (fast is grad) == (shape == (n // row, row))  # no view when none is needed
 
 
+def _int8_pair(shapes, seed: int, steps: int):
+    """Compiled and eager AdamW with int8 state on every tensor, on the same params, after
+    ``steps`` steps on the same grads; the compiled one stepped every tensor in its kernels.
+    Returns both params, both optimizers and the compiled plan."""
+    kwargs = dict(lr=1e-2, weight_decay=0.1, state_dtype="int8", min_quantized_size=0, seed=seed)
+    ours, ref, opt, ref_opt = _pair(shapes, **kwargs)
+    _step_pair(ours, ref, opt, ref_opt, steps=steps)
+    plan = opt._executor._plans[0]
+    assert plan.eager == [] and plan.failed == []
+    return ours, ref, opt, ref_opt, plan
+
+
+WHOLE_BLOCK_SHAPES = [(4, 256), (512,), (8, 128), (300, 7), (64, 128)]
+
+
 def test_whole_block_wise_grads_step_as_the_eager_path_does() -> None:
     """Params whose slots are whole (4x256: the grad itself; 512, 8x128 and 64x128: one view)
     and one whose slot is a part of it (300x7: whole blocks, then a tail) step compiled as the
@@ -319,14 +334,9 @@ def test_whole_block_wise_grads_step_as_the_eager_path_does() -> None:
     params about as far as the eager path, Adam being invariant to the grads' scale, but not
     m). 64x128 (32 blocks) is stepped by a kernel of the mixed layout, which has no tail mask
     (only small kernels step tails)."""
-    shapes = [(4, 256), (512,), (8, 128), (300, 7), (64, 128)]
-    kwargs = dict(lr=1e-2, weight_decay=0.1, state_dtype="int8", min_quantized_size=0, seed=3)
-    ours, ref, opt, ref_opt = _pair(shapes, **kwargs)
-    _step_pair(ours, ref, opt, ref_opt, steps=3)
+    ours, ref, opt, ref_opt, plan = _int8_pair(WHOLE_BLOCK_SHAPES, seed=3, steps=3)
     # int8: moments a level apart here and there
     _assert_decoded_close(ours, ref, opt, ref_opt, param_tol=2e-5, moment_tol=2e-2)
-    plan = opt._executor._plans[0]
-    assert plan.eager == [] and plan.failed == []
     whole = {s[5] for call in plan.calls for s in call.grad_slots if s[5] is not None}
     assert whole == {(4, 256), (2, 256), (32, 256)}, whole  # 512 and 8x128: two blocks
     assert {call.kernel.spec.layout for call in plan.calls} == {"small", "mixed"}
@@ -337,10 +347,8 @@ def test_a_nonfinite_value_makes_its_block_scale_nonfinite_as_eager() -> None:
     kernels (the block maxima over int32 bit patterns, adamkit.execution.maxima, let a NaN
     win), as in the eager path: NaN for a NaN, inf for an inf, every other block's scale
     as eager's."""
-    shapes = [(4, 256), (512,), (8, 128), (300, 7), (64, 128)]  # as the test above: its kernels
-    kwargs = dict(lr=1e-2, weight_decay=0.1, state_dtype="int8", min_quantized_size=0, seed=3)
-    ours, ref, opt, ref_opt = _pair(shapes, **kwargs)
-    _step_pair(ours, ref, opt, ref_opt, steps=1)
+    # the shapes of the test above: its kernels
+    ours, ref, opt, ref_opt, _ = _int8_pair(WHOLE_BLOCK_SHAPES, seed=3, steps=1)
     for params in (ours, ref):
         _set_grads(params, 1)
         params[0].grad[1, 3] = float("nan")  # block 1 of the small slot
@@ -370,12 +378,8 @@ def test_kernels_of_adamkits_widths_match_eager(monkeypatch) -> None:
 
     monkeypatch.setattr(plan, "MIXED_WIDTH", 8)
     shapes = [(20 + k, 256) for k in range(9)]
-    kwargs = dict(lr=1e-2, weight_decay=0.1, state_dtype="int8", min_quantized_size=0, seed=7)
-    ours, ref, opt, ref_opt = _pair(shapes, **kwargs)
-    _step_pair(ours, ref, opt, ref_opt, steps=2)
+    ours, ref, opt, ref_opt, plan_ = _int8_pair(shapes, seed=7, steps=2)
     _assert_decoded_close(ours, ref, opt, ref_opt, param_tol=2e-5, moment_tol=2e-2)
-    plan_ = opt._executor._plans[0]
-    assert plan_.eager == [] and plan_.failed == []
     calls = [(c.kernel.spec.layout, c.kernel.spec.width, len(c.members)) for c in plan_.calls]
     assert sorted(calls) == [("mixed", 8, 1), ("mixed", 8, 8)], calls
 

@@ -52,21 +52,20 @@ def integer_maxima(source: str) -> str:
     float accumulator that starts at -inf, taken over the int32 bit patterns (see the module
     docstring)."""
     lines = source.split("\n")
+    found: list[tuple[int, str, str, str]] = []  # (line, indent, accumulator, value)
     magnitudes: set[str] = set()  # names defined by .abs() in this loop body
     for k, line in enumerate(lines):
         if ANY_FOR.match(line):
             magnitudes = set()
             continue
-        found = _ABS.match(line)
-        if found:
-            magnitudes.add(found.group(1))
+        defined = _ABS.match(line)
+        if defined:
+            magnitudes.add(defined.group(1))
             continue
         acc = _MAXIMUM.match(line)
-        if acc is None or acc.group(3) not in magnitudes:
-            continue
-        indent, total, value = acc.groups()
-        if not _starts_at_minus_inf(lines, total, k):
-            continue
+        if acc and acc.group(3) in magnitudes and _starts_at_minus_inf(lines, acc.group(2), k):
+            found.append((k, *acc.groups()))
+    for k, indent, total, value in found:  # rewritten after the scan: it reads the originals
         lines[k] = (
             f"{indent}{total} = at::vec::cast<float>(at::vec::maximum("
             f"at::vec::cast<int32_t>({total}), at::vec::cast<int32_t>({value})));"
