@@ -61,6 +61,7 @@ from torch.optim import Optimizer
 from adamkit.diagnostics import readout
 from adamkit.diagnostics import signals as S
 from adamkit.diagnostics.alerts import Alert, AlertConfig, AlertEngine, log_alert
+from adamkit.diagnostics.ranking import RankedSample
 from adamkit.diagnostics.readout import (
     ROW,
     Entry,
@@ -662,8 +663,8 @@ class Monitor:
         if no_p0.any():  # sampled after the step only: the change of the param is unknown
             sums["param_sq"][no_p0] = sums["delta_sq"][no_p0] = np.nan
         eff, weight = S.effective_lrs(batch, root)
-        eff.sort(axis=1)  # NaN last; sorted rows make the scopes' percentiles cheap
-        quantiles = S.row_percentiles(eff, presorted=True)
+        ranked = RankedSample(eff)  # ordered once for every row and scope
+        quantiles = ranked.row_percentiles(S.PERCENTILES)
         tensors: dict[str, dict[str, Any]] = {}
         signals = S.rows_to_signals(sums)
         columns = {
@@ -720,7 +721,7 @@ class Monitor:
                 out["opt_step"] = int(steps_after[inside & has_state].max())
             out.update(_norms(one, stateful, out["tensors"]))
             out.update((key, values[j]) for key, values in scope_signals.items())
-            qs = S.weighted_percentiles(eff, weight, inside)
+            qs = ranked.weighted_percentiles(weight, inside, S.PERCENTILES)
             out.update({f"eff_lr_p{q}": x for q, x in zip(S.PERCENTILES, qs)})
             out.update(zip(_NONFINITE_KEYS, scope_nonfinite[j]))
             scopes.append(out)
