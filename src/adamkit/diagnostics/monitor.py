@@ -61,7 +61,7 @@ from torch.optim import Optimizer
 from adamkit.diagnostics import readout
 from adamkit.diagnostics import signals as S
 from adamkit.diagnostics.alerts import Alert, AlertConfig, AlertEngine, log_alert
-from adamkit.diagnostics.ranking import RankedSample
+from adamkit.diagnostics.native import Percentiles
 from adamkit.diagnostics.readout import (
     ROW,
     Entry,
@@ -299,6 +299,7 @@ class Monitor:
         self._steady_flags: _Flags | None = None  # the replay's rows, as _Flags
         self._replay = True  # replay steady reads (False: the general read every time)
         self._replays = 0  # sampled steps read by the replay
+        self._percentiles = Percentiles()  # in C where it builds (native.py), with its scratch
         self._handles = [
             optimizer.register_step_pre_hook(self._pre_hook),
             optimizer.register_step_post_hook(self._post_hook),
@@ -663,8 +664,11 @@ class Monitor:
         if no_p0.any():  # sampled after the step only: the change of the param is unknown
             sums["param_sq"][no_p0] = sums["delta_sq"][no_p0] = np.nan
         eff, weight = S.effective_lrs(batch, root)
-        ranked = RankedSample(eff)  # ordered once for every row and scope
-        quantiles = ranked.row_percentiles(S.PERCENTILES)
+        # scopes: each group, then the model when there are several groups
+        members = np.stack([group == g for g in range(n_groups)], axis=1)
+        if n_groups > 1:
+            members = np.concatenate([members, np.ones((T, 1), dtype=bool)], axis=1)
+        quantiles, scope_quantiles = self._percentiles(eff, weight, members.T, S.PERCENTILES)
         tensors: dict[str, dict[str, Any]] = {}
         signals = S.rows_to_signals(sums)
         columns = {
@@ -697,11 +701,7 @@ class Monitor:
             rec.update(zip(keys, values))
             tensors[e.name] = rec
 
-        # scopes: each group, then the model when there are several groups; their sums are
-        # the members' sums (one product), their signals one call for all of them
-        members = np.stack([group == g for g in range(n_groups)], axis=1)
-        if n_groups > 1:
-            members = np.concatenate([members, np.ones((T, 1), dtype=bool)], axis=1)
+        # the scopes' sums are the members' sums (one product), their signals one call
         weights = members.astype(np.float64)
         additive = np.stack([sums[key] for key in S.ADDITIVE]) @ weights
         totals = dict(zip(S.ADDITIVE, additive.tolist()))
@@ -721,8 +721,10 @@ class Monitor:
                 out["opt_step"] = int(steps_after[inside & has_state].max())
             out.update(_norms(one, stateful, out["tensors"]))
             out.update((key, values[j]) for key, values in scope_signals.items())
-            qs = ranked.weighted_percentiles(weight, inside, S.PERCENTILES)
-            out.update({f"eff_lr_p{q}": x for q, x in zip(S.PERCENTILES, qs)})
+            qs = scope_quantiles[j].tolist()
+            out.update(
+                {f"eff_lr_p{q}": None if math.isnan(x) else x for q, x in zip(S.PERCENTILES, qs)}
+            )
             out.update(zip(_NONFINITE_KEYS, scope_nonfinite[j]))
             scopes.append(out)
         groups = [

@@ -1,0 +1,100 @@
+"""The C percentiles (diagnostics/native.py) against the NumPy references, and the fallback."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+
+from adamkit.diagnostics import native
+from adamkit.diagnostics import signals as S
+
+Q = (0, 1, 5, 25, 50, 75, 95, 99, 100)
+
+
+def _values(rng: np.random.Generator, kind: int, shape: tuple[int, int]) -> np.ndarray:
+    if kind == 0:  # effective lrs: positive, over decades
+        return rng.lognormal(size=shape) * 1e-3
+    if kind == 1:  # ties
+        return np.round(rng.lognormal(size=shape), 2)
+    if kind == 2:  # distinct float64 values that share a float32
+        return 1e-3 * (1 + rng.integers(0, 5, shape) * 1e-12 + rng.integers(0, 3, shape) * 1e-6)
+    if kind == 3:  # signs, zeros of both signs, infinities, extremes
+        x = rng.normal(size=shape)
+        x[rng.random(shape) < 0.2] = 0.0
+        x[rng.random(shape) < 0.1] = -0.0
+        extremes = [np.inf, -np.inf, 1e300, -1e300, 1e-300, -1e-300]
+        x[rng.random(shape) < 0.05] = rng.choice(extremes)
+        return x
+    if kind == 4:  # values packed far tighter than their range: one bucket holds most
+        x = 1.0 + rng.random(shape) * 1e-9
+        x.flat[0] = 1e300
+        return x
+    return np.full(shape, 0.25)  # one value
+
+
+def _reference(eff: np.ndarray, w: np.ndarray, scopes: np.ndarray):
+    rows = S.row_percentiles(eff, Q)
+    out = np.full((len(scopes), len(Q)), np.nan)
+    for s, inside in enumerate(scopes):
+        sub = eff[inside]
+        keep = ~np.isnan(sub)
+        if keep.any():
+            weights = np.broadcast_to(w[inside][:, None], sub.shape)[keep]
+            out[s] = S.percentiles(sub[keep], Q, weights)
+    return rows, out
+
+
+def test_the_library_builds_where_a_compiler_is() -> None:
+    has_compiler = any(shutil.which(c) for c in ("cc", "gcc", "clang"))
+    assert (native.library() is not None) == has_compiler
+
+
+@pytest.mark.parametrize("kind", range(6))
+def test_native_percentiles_equal_the_references_bit_for_bit(kind: int) -> None:
+    rng = np.random.default_rng(kind)
+    percentiles = native.Percentiles()
+    for _ in range(40):
+        T, K = int(rng.integers(1, 45)), int(rng.choice([1, 7, 64, 500, 512]))
+        eff = _values(rng, kind, (T, K))
+        eff[rng.random((T, K)) < rng.choice([0.0, 0.2, 0.97])] = np.nan
+        w = rng.choice([1.0, 2.5, 41.3, 520.126984126984, 8192.0], size=T)
+        scopes = np.stack([np.ones(T, bool), rng.random(T) < 0.5, np.zeros(T, bool)])
+        got_rows, got_scopes = percentiles(eff, w, scopes, Q)
+        want_rows, want_scopes = _reference(eff, w, scopes)
+        np.testing.assert_array_equal(got_rows, want_rows)
+        np.testing.assert_array_equal(got_scopes, want_scopes)
+
+
+def test_without_the_library_the_numpy_path_gives_the_same(monkeypatch) -> None:
+    rng = np.random.default_rng(9)
+    eff = _values(rng, 0, (35, 512))
+    eff[rng.random(eff.shape) < 0.1] = np.nan
+    w = rng.choice([1.0, 520.126984126984, 8192.0], size=35)
+    scopes = np.stack([np.ones(35, bool), rng.random(35) < 0.5])
+    monkeypatch.setattr(native, "_TRIED", True)
+    monkeypatch.setattr(native, "_LIBRARY", None)
+    got = native.Percentiles()(eff, w, scopes, Q)
+    want = _reference(eff, w, scopes)
+    for g, x in zip(got, want):
+        np.testing.assert_array_equal(g, x)
+
+
+def test_a_compiler_that_fails_leaves_numpy_in_charge(monkeypatch, tmp_path) -> None:
+    monkeypatch.setattr(native, "_TRIED", False)
+    monkeypatch.setattr(native, "_LIBRARY", None)
+    monkeypatch.setenv("CC", "false")  # exits 1: the build fails
+    monkeypatch.setattr(native, "_compiler", lambda: "false")
+    monkeypatch.setenv("ADAMKIT_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(native.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+    assert native.library() is None
+    assert native.library() is None  # tried once per process
+    assert not list(tmp_path.rglob("*.so"))  # no library, no partial file
+
+
+def test_adamkit_native_0_turns_it_off(monkeypatch) -> None:
+    monkeypatch.setattr(native, "_TRIED", False)
+    monkeypatch.setattr(native, "_LIBRARY", None)
+    monkeypatch.setenv("ADAMKIT_NATIVE", "0")
+    assert native.library() is None
