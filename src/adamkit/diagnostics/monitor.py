@@ -178,6 +178,7 @@ class _Flags(NamedTuple):
     fused: np.ndarray  # bool: the optimizer's full sums
     has_delta: np.ndarray  # bool: its five norms
     no_vmax: np.ndarray  # bool: the sample of v is raw v (no AMSGrad max)
+    local: np.ndarray  # bool: a shard sampled locally (strided), not the tensor's sample
 
     @staticmethod
     def of(rows: list[_Row]) -> _Flags:
@@ -191,11 +192,12 @@ class _Flags(NamedTuple):
                     r.exact is not None,
                     r.has_delta,
                     r.vmax is None,
+                    bool(r.entry.shards) and r.sampler.shards is None,
                 )
                 for r in rows
             ],
             dtype=np.int64,
-        ).reshape(len(rows), 7)
+        ).reshape(len(rows), 8)
         group, numel, k, *flags = table.T
         return _Flags(group, numel, k, *(f.astype(bool) for f in flags))
 
@@ -761,6 +763,12 @@ class Monitor:
         so its counts are taken whenever it is measured from its sample.
         """
         fused, given = flags.fused, flags.has_delta
+        out = np.zeros((len(rows), len(_NONFINITE_KEYS)), dtype=np.int64)
+        if given.all() and flags.no_vmax.all() and not flags.local.any():
+            # every row's five norms cover its sample (below); all finite: nothing to count
+            with np.errstate(over="ignore", invalid="ignore"):
+                if np.isfinite(norms.sum() + delta.sum()):
+                    return out
         finite = np.isfinite(norms).all(axis=1)
         finite[given] &= np.isfinite(delta[given]).all(axis=1)
         if fused.any():
@@ -778,14 +786,7 @@ class Monitor:
                     finite &= np.isfinite(samples.sum(axis=(1, 2)))
             elif len(measured):
                 finite[measured] &= np.isfinite(samples[measured].sum(axis=(1, 2)))
-        local = [
-            i
-            for i in np.flatnonzero(~fused).tolist()
-            if rows[i].entry.shards and rows[i].sampler.shards is None
-        ]
-        if local:
-            finite[local] = False
-        out = np.zeros((len(rows), len(_NONFINITE_KEYS)), dtype=np.int64)
+        finite[flags.local & ~fused] = False
         counts: dict[int, Tensor] = {}
         for i in np.flatnonzero(~finite).tolist():
             row = rows[i]

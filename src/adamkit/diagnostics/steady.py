@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from adamkit.diagnostics import readout
+from adamkit.diagnostics import native, readout
 from adamkit.diagnostics import signals as S
 from adamkit.diagnostics.readout import ROW, Layout, StepCounts, Transfer, _destinations
 from adamkit.execution.eager import compute_dtype
@@ -84,11 +84,25 @@ class SteadyReads:
                 views.append(view)
                 rs.append(i)
                 kinds.append(kind)
-        self.groups += [
-            (views, self._dest(np.array(rs), np.array(kinds)))
-            for views, rs, kinds in groups.values()
-        ]
         self.shape = (T, len(S.SAMPLE_ROWS), self.K)
+        # m and v in C where it builds (native.Gather: one call), else in the Transfer
+        self.gather = self._native_gather(rows)
+        if self.gather is None:
+            self.groups += [
+                (views, self._dest(np.array(rs), np.array(kinds)))
+                for views, rs, kinds in groups.values()
+            ]
+
+    def _native_gather(self, rows: list[Any]) -> native.Gather | None:
+        tensors, table = [], []
+        R, K = len(S.SAMPLE_ROWS), self.K
+        for i, row in enumerate(rows):
+            v = row.v if row.vmax is None else row.vmax
+            sampler = row.entry.sampler
+            for kind, t in ((ROW["m"], row.m), (ROW["v"], v)):
+                tensors.append(t)
+                table.append((sampler.runs, sampler.run, sampler.stride, (i * R + kind) * K))
+        return native.Gather.of(tensors, np.array(table, dtype=np.int64))
 
     def _dest(self, rows: np.ndarray, kinds: np.ndarray) -> np.ndarray:
         """Where the samples of ``rows`` (of ``kinds``), end to end, go in the flat array."""
@@ -194,6 +208,8 @@ class SteadyReads:
         flat = samples.reshape(-1)
         for handle, dest in handles:
             flat[dest] = transfer.get(handle)
+        if self.gather is not None:
+            self.gather(samples)
         got = transfer.get(norm_handle).reshape(len(self.rows), self.columns)
         delta = got[:, 3:] if self.delta else np.full((len(self.rows), 2), np.nan)
         steps_before = before.read(transfer)[[row.index for row in self.rows]]

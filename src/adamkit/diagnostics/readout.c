@@ -1,8 +1,11 @@
-/* Nearest-rank percentiles of a Monitor's sample, per row and weighted per scope.
+/* A Monitor's sampled step in C (adamkit/diagnostics/native.py builds and calls it).
  *
- * The native form of adamkit.diagnostics.signals.row_percentiles and of
- * signals.percentiles with weights (adamkit/diagnostics/native.py builds and calls it):
- * one stable ordering of every counted entry, then one walk of the order per scope.
+ * adamkit_gather: the sampled entries of many tensors, as float64 (see its comment).
+ *
+ * adamkit_percentiles: nearest-rank percentiles of a sample, per row and weighted per
+ * scope, the native form of adamkit.diagnostics.signals.row_percentiles and of
+ * signals.percentiles with weights: one stable ordering of every counted entry, then one
+ * walk of the order per scope.
  *
  *   eff       [T, K] float64, row-major; NaN: the entry does not count
  *   w         [T] the weight of each entry of a row (a scope's percentiles)
@@ -21,6 +24,56 @@
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
+
+/* The value of an IEEE half (float16) from its bits. */
+static double half_value(uint16_t h) {
+    int exponent = (h >> 10) & 0x1F, mantissa = h & 0x3FF;
+    double sign = (h >> 15) ? -1.0 : 1.0;
+    if (exponent == 0x1F) return mantissa ? NAN : sign * INFINITY;
+    if (exponent == 0) return sign * ldexp(mantissa, -24); /* zero and subnormals */
+    return sign * ldexp(mantissa + 1024, exponent - 25);
+}
+
+/* Copies the sampled entries of `count` tensors into `out` (float64): tensor i, at address
+ * ptr[i], of element type dtype[i] (0 float32, 1 float64, 2 bfloat16, 3 float16), gives
+ * runs[i] runs of length[i] adjacent entries, stride[i] entries apart, written end to end
+ * from out[dest[i]]. */
+void adamkit_gather(int64_t count, const uint64_t *ptr, const int32_t *dtype,
+                    const int64_t *runs, const int64_t *length, const int64_t *stride,
+                    const int64_t *dest, double *out) {
+    for (int64_t i = 0; i < count; i++) {
+        double *to = out + dest[i];
+        for (int64_t r = 0; r < runs[i]; r++) {
+            int64_t at = r * stride[i];
+            switch (dtype[i]) {
+            case 0: {
+                const float *from = (const float *)(uintptr_t)ptr[i] + at;
+                for (int64_t j = 0; j < length[i]; j++) *to++ = from[j];
+                break;
+            }
+            case 1: {
+                const double *from = (const double *)(uintptr_t)ptr[i] + at;
+                for (int64_t j = 0; j < length[i]; j++) *to++ = from[j];
+                break;
+            }
+            case 2: {
+                const uint16_t *from = (const uint16_t *)(uintptr_t)ptr[i] + at;
+                for (int64_t j = 0; j < length[i]; j++) {
+                    uint32_t bits = (uint32_t)from[j] << 16;
+                    float f;
+                    memcpy(&f, &bits, sizeof f);
+                    *to++ = f;
+                }
+                break;
+            }
+            default: {
+                const uint16_t *from = (const uint16_t *)(uintptr_t)ptr[i] + at;
+                for (int64_t j = 0; j < length[i]; j++) *to++ = half_value(from[j]);
+            }
+            }
+        }
+    }
+}
 
 #define DIGIT 11
 #define BUCKETS (1 << DIGIT)

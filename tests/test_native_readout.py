@@ -1,4 +1,5 @@
-"""The C percentiles (diagnostics/native.py) against the NumPy references, and the fallback."""
+"""The C parts of a sampled step (diagnostics/native.py) against NumPy and torch, and the
+fallback to them."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import shutil
 
 import numpy as np
 import pytest
+import torch
 
 from adamkit.diagnostics import native
 from adamkit.diagnostics import signals as S
@@ -98,3 +100,47 @@ def test_adamkit_native_0_turns_it_off(monkeypatch) -> None:
     monkeypatch.setattr(native, "_LIBRARY", None)
     monkeypatch.setenv("ADAMKIT_NATIVE", "0")
     assert native.library() is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_gather_copies_the_sampled_runs_as_float64(dtype) -> None:
+    if native.library() is None:
+        assert native.Gather.of([torch.zeros(4)], np.array([[1, 4, 4, 0]])) is None
+        return
+    g = torch.Generator().manual_seed(0)
+    tensors = [(torch.randn(n, generator=g) * 100).to(dtype) for n in (5, 512, 70001)]
+    tensors[0][1] = float("inf")
+    tensors[0][2] = float("nan")
+    if dtype == torch.float16:
+        tensors[0][3] = 3e-6  # a subnormal half
+    table, want, at = [], [], 0
+    for t in tensors:
+        runs, run, stride = S.sample_runs(t.numel())
+        table.append((runs, run, stride, at))
+        want.append(t.as_strided((runs, run), (stride, 1)).reshape(-1).double().numpy())
+        at += runs * run
+    gather = native.Gather.of(tensors, np.array(table))
+    out = np.full(at + 3, -1.0)
+    gather(out)
+    np.testing.assert_array_equal(out[:at], np.concatenate(want))
+    assert (out[at:] == -1.0).all()  # nothing written past the samples
+    with pytest.raises(ValueError, match="float64 array"):
+        gather(np.zeros(at - 1))
+    with pytest.raises(ValueError, match="reaches past a tensor of 5 entries"):
+        native.Gather.of(tensors[:1], np.array([[2, 4, 4, 0]]))
+
+
+def test_the_monitors_steady_read_gathers_in_c_where_it_builds() -> None:
+    import adamkit
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(40, 30), torch.nn.Linear(30, 5))
+    opt = adamkit.AdamW(model.parameters(), lr=1e-2)
+    monitor = adamkit.Monitor(opt, every=1, alerts=False)
+    for _ in range(3):
+        opt.zero_grad()
+        model(torch.randn(8, 40)).square().mean().backward()
+        opt.step()
+    assert monitor._replays == 2
+    assert (monitor._steady.gather is not None) == (native.library() is not None)
+    monitor.close()
