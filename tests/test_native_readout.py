@@ -3,6 +3,7 @@ fallback to them."""
 
 from __future__ import annotations
 
+import os
 import shutil
 
 import numpy as np
@@ -50,7 +51,8 @@ def _reference(eff: np.ndarray, w: np.ndarray, scopes: np.ndarray):
 
 def test_the_library_builds_where_a_compiler_is() -> None:
     has_compiler = any(shutil.which(c) for c in ("cc", "gcc", "clang"))
-    assert (native.library() is not None) == has_compiler
+    wanted = os.environ.get("ADAMKIT_NATIVE", "1") != "0"
+    assert (native.library() is not None) == (has_compiler and wanted)
 
 
 @pytest.mark.parametrize("kind", range(6))
@@ -144,3 +146,37 @@ def test_the_monitors_steady_read_gathers_in_c_where_it_builds() -> None:
     assert monitor._replays == 2
     assert (monitor._steady.gather is not None) == (native.library() is not None)
     monitor.close()
+
+
+@pytest.mark.parametrize("params", [True, False])
+def test_sample_sums_equal_numpys_batch_sums(params, monkeypatch) -> None:
+    rng = np.random.default_rng(3)
+    for trial in range(30):
+        T, K = int(rng.integers(1, 30)), 512
+        k = rng.choice([1, 8, 300, 504, 512], size=T)
+        samples = rng.normal(size=(T, len(S.SAMPLE_ROWS), K)) * 1e-2
+        samples[:, S.SAMPLE_ROWS.index("v")] = samples[:, S.SAMPLE_ROWS.index("v")] ** 2
+        samples = np.where(np.arange(K)[None, None, :] < k[:, None, None], samples, 0.0)
+        if trial % 4 == 0:
+            samples[0, S.SAMPLE_ROWS.index("v"), : k[0] // 2] = 0.0  # inactive entries
+        if trial % 5 == 0:
+            samples[-1, S.SAMPLE_ROWS.index("m"), 0] = np.nan
+        batch = S.SampleBatch(
+            samples,
+            k,
+            k * rng.integers(1, 100, size=T),
+            rng.random(T) < 0.8,
+            rng.integers(1, 50, size=T).astype(np.float64),
+            np.full(T, 0.9),
+            np.full(T, 0.999),
+            np.where(rng.random(T) < 0.2 * (trial % 2), 0.0, 1e-3),  # eps = 0 on some rows
+            np.full(T, 1e-3),
+        )
+        rows = None if trial % 3 else np.flatnonzero(rng.random(T) < 0.6)
+        native_sums = S.batch_sums(batch, rows, params=params)
+        with monkeypatch.context() as m:
+            m.setattr(native, "_TRIED", True)
+            m.setattr(native, "_LIBRARY", None)
+            numpy_sums = S.batch_sums(batch, rows, params=params)
+        for key in S.ADDITIVE:
+            np.testing.assert_allclose(native_sums[key], numpy_sums[key], rtol=1e-12, err_msg=key)

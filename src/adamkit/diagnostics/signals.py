@@ -80,6 +80,7 @@ import torch
 from torch import Tensor
 
 from adamkit import rule
+from adamkit.diagnostics import native
 from adamkit.diagnostics.ranking import RankedSample
 from adamkit.rule import bias_corrections
 
@@ -445,12 +446,14 @@ def batch_sums(
         return sums
     k = b.k[rows]
     updated = b.updated[rows]
+    w = np.where(updated, b.numel[rows] / np.maximum(k, 1), 0.0)
+    if _native_sums(sums, b, rows, w, params):
+        return sums
     # entries past k are zeros: they add nothing to a sum (u = 0 / (0 + eps) = 0) nor to a
     # count (sqrt(v_hat) = 0 is not active), so only the tensors that did not move are masked,
     # as a whole; with eps = 0 a padded u would be NaN, so entries are masked then
     eps_zero = not (b.eps[rows] > 0).all()
     upd = _counted(k, updated, b.samples.shape[2]) if eps_zero else None
-    w = np.where(updated, b.numel[rows] / np.maximum(k, 1), 0.0)
     p0, p1, m, v = (b.samples[rows, i, :] for i in range(len(SAMPLE_ROWS)))
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         bc1, bc2 = (
@@ -481,6 +484,37 @@ def batch_sums(
         ):
             sums[key][rows] = value
     return sums
+
+
+_NATIVE_SUMS = ("param_sq", "delta_sq", "update_sq", "v_hat_sum", "active", "eps_count", "large")
+
+
+def _native_sums(
+    sums: dict[str, np.ndarray],
+    b: SampleBatch,
+    rows: slice | np.ndarray,
+    w: np.ndarray,
+    params: bool,
+) -> bool:
+    """:func:`batch_sums`' sums of ``rows`` in C (:func:`adamkit.diagnostics.native.sample_sums`,
+    one pass), written into ``sums``; False where C is not at hand."""
+    T = len(b.k)
+    use = np.zeros(T, dtype=bool)
+    use[rows] = True
+    weights = np.zeros(T)
+    weights[rows] = w
+    with np.errstate(over="ignore", invalid="ignore"):
+        bc1, bc2 = bias_corrections(b.step, b.beta1, b.beta2)
+    index = {name: j for j, name in enumerate(SAMPLE_ROWS)}
+    got = native.sample_sums(
+        b.samples, index, b.k, weights, use, bc1, bc2, b.eps, LARGE_UPDATE, params
+    )
+    if got is None:
+        return False
+    for key, values in zip(_NATIVE_SUMS, got):
+        if params or key not in ("param_sq", "delta_sq"):
+            sums[key][rows] = values[rows]
+    return True
 
 
 def _weighted(w: np.ndarray, row_sums: np.ndarray) -> np.ndarray:
