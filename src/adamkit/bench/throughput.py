@@ -367,12 +367,16 @@ def monitor_overhead(args: argparse.Namespace) -> int:
         wide = ", width=1024" if shape else ""
         rows[f"{backend}/exact={exact}{wide}"] = result
         mon = result["monitored"]
+        # a sampled step (every step): the hooks' host time and the rest (the signal kernels)
+        hooks_ms = mon[1]["hook_s"] * 1e3
+        rest_ms = (mon[1]["overhead"] - mon[1]["hook_overhead"]) * result["plain_s"] * 1e3
         print(
             f"monitor overhead, backend={backend}, exact={exact}{wide}: "
             f"{result['params'] / 1e6:.1f}M params in {result['tensors']} tensors, plain "
-            f"step {result['plain_s'] * 1e3:.2f} ms; every step +{mon[1]['overhead']:.1%} "
+            f"step {result['plain_s'] * 1e3:.2f} ms; every step {mon[1]['overhead']:+.1%} "
             f"(hooks {mon[1]['hook_overhead']:.1%}), every 10 steps "
-            f"+{mon[10]['overhead']:.1%} (hooks {mon[10]['hook_overhead']:.1%})"
+            f"{mon[10]['overhead']:+.1%} (hooks {mon[10]['hook_overhead']:.1%}); a sampled "
+            f"step: hooks {hooks_ms:.2f} ms, the rest of the step {rest_ms:+.2f} ms"
         )
     if args.json:
         with open(args.json, "w") as f:

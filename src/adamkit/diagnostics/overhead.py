@@ -1,11 +1,14 @@
 """What monitoring costs: step time with a :class:`Monitor` attached, relative to without.
 
 ``measure()`` times ``optimizer.step()`` on fixed gradients, plain and with a Monitor sampling
-every ``k`` steps, interleaving the configurations and keeping the fastest of ``repeats`` runs
-(interference from other processes only ever adds time). Each run attaches a new Monitor and
-lets it take one sampled step untimed first, so that what is timed is the steady state of a
-long run (its first sampled step also builds its layout of the params). ``adamkit bench
---monitor`` calls it.
+every ``k`` steps, interleaving the configurations: each repeat times a plain run and then each
+monitored run right after it, and the overhead is the median over the repeats of the ratio
+within a repeat. (The project's VM moves between memory states that change a step's time by
+a third within minutes; the fastest plain run and the fastest monitored run can come from
+different states, which made that ratio swing from -22% to +17% for the same code.) Each run
+attaches a new Monitor and lets it take one sampled step untimed first, so that what is timed is
+the steady state of a long run (its first sampled step also builds its layout of the params).
+``adamkit bench --monitor`` calls it.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -91,11 +95,14 @@ def measure(
         warmup: untimed steps per configuration before the first timed run.
         monitor_kwargs: extra arguments for the Monitor (names, alerts...).
 
-    Returns ``{"params", "tensors", "device", "plain_s", "monitored": {every: {"step_s",
-    "overhead", "hook_s", "hook_overhead"}}}``: ``overhead`` = step_s / plain_s - 1 end to end;
-    ``hook_s`` is the time spent inside the Monitor's hooks per step (the least over the runs)
-    and ``hook_overhead`` = hook_s / plain_s, the same cost measured directly, which a busy
-    machine perturbs much less than a difference of two step times.
+    Returns ``{"params", "tensors", "device", "plain_s", "plain_runs_s", "monitored": {every:
+    {"step_s", "overhead", "hook_s", "hook_overhead", "runs_s", "hook_runs_s"}}}`` (``*runs_s``:
+    seconds per step of each repeat, in order): ``plain_s`` and ``step_s`` are the fastest runs;
+    ``overhead`` is the median over the repeats of (monitored run / the plain run of the same
+    repeat) - 1, end to end; ``hook_s`` is the time spent inside the Monitor's hooks per step
+    (the median over the runs) and ``hook_overhead`` the median of hook_s / plain run time,
+    the same cost measured directly, which a busy machine perturbs much less than a
+    difference of two step times.
     """
     if make_optimizer is None:
         from adamkit.optim import AdamW
@@ -126,21 +133,24 @@ def measure(
             if mon:
                 mon.close()
                 hooks[c].append(mon.hook_s / steps)
-    best = {c: min(ts) for c, ts in times.items()}
-    plain = best[None]
+    plain_runs = np.array(times[None])
     monitored = {}
     for c in every:
-        hook = min(hooks[c])
+        runs, hook = np.array(times[c]), np.array(hooks[c])
         monitored[c] = {
-            "step_s": best[c],
-            "overhead": best[c] / plain - 1,
-            "hook_s": hook,
-            "hook_overhead": hook / plain,
+            "step_s": float(runs.min()),
+            "overhead": float(np.median(runs / plain_runs)) - 1,
+            "hook_s": float(np.median(hook)),
+            "hook_overhead": float(np.median(hook / plain_runs)),
+            "runs_s": runs.tolist(),
+            "hook_runs_s": hook.tolist(),
         }
+    plain = float(plain_runs.min())
     return {
         "params": sum(p.numel() for p in params),
         "tensors": len(params),
         "device": str(device),
         "plain_s": plain,
+        "plain_runs_s": plain_runs.tolist(),
         "monitored": monitored,
     }

@@ -4,6 +4,8 @@
  *
  * adamkit_sample_sums: the per-tensor sums of signals.batch_sums (see its comment).
  *
+ * adamkit_effective_lrs: signals.effective_lrs (see its comment).
+ *
  * adamkit_percentiles: nearest-rank percentiles of a sample, per row and weighted per
  * scope, the native form of adamkit.diagnostics.signals.row_percentiles and of
  * signals.percentiles with weights: one stable ordering of every counted entry, then one
@@ -144,6 +146,22 @@ void adamkit_sample_sums(const double *samples, int64_t T, int64_t R, int64_t K,
             }
             out[0 * T + i] = w[i] * a;
             out[1 * T + i] = w[i] * b;
+        }
+    }
+}
+
+/* signals.effective_lrs, with the same operations in the same order (so the same bits):
+ * out[i, j] = lr[i] / (sqrt(v[i, j] / bc2[i]) + eps[i]) where that root is > 0 and row i
+ * moved (updated[i]), else NaN; v is row v_row of samples [T, R, K]. */
+void adamkit_effective_lrs(const double *samples, int64_t T, int64_t R, int64_t K,
+                           int64_t v_row, const uint8_t *updated, const double *bc2,
+                           const double *eps, const double *lr, double *out) {
+    for (int64_t i = 0; i < T; i++) {
+        const double *v = samples + (i * R + v_row) * K;
+        double *to = out + i * K;
+        for (int64_t j = 0; j < K; j++) {
+            double root = sqrt(v[j] / bc2[i]);
+            to[j] = (updated[i] && root > 0) ? lr[i] / (root + eps[i]) : NAN;
         }
     }
 }

@@ -525,8 +525,15 @@ def _weighted(w: np.ndarray, row_sums: np.ndarray) -> np.ndarray:
 def effective_lrs(b: SampleBatch, root: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The effective lr lr / (sqrt(v_hat) + eps) of every sampled entry ([T, K], NaN where the
     entry is not an active entry of an updated tensor) and the weight n / k of each tensor's
-    entries. ``root``: :func:`sample_roots` of ``b``, when the caller has it."""
+    entries. ``root``: :func:`sample_roots` of ``b``, when the caller has it (else C computes
+    the same values where it is at hand: :func:`adamkit.diagnostics.native.effective_lrs`)."""
+    weight = b.numel / np.maximum(b.k, 1)
     if root is None:
+        with np.errstate(over="ignore", invalid="ignore"):
+            _, bc2 = bias_corrections(b.step, b.beta1, b.beta2)
+        eff = native.effective_lrs(b.samples, SAMPLE_ROWS.index("v"), b.updated, bc2, b.eps, b.lr)
+        if eff is not None:
+            return eff, weight
         root = sample_roots(b)
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         keep = root > 0  # not the zeros past k
@@ -534,7 +541,7 @@ def effective_lrs(b: SampleBatch, root: np.ndarray | None = None) -> tuple[np.nd
             keep &= b.updated[:, None]
         eff = b.lr[:, None] / (root + b.eps[:, None])
         eff[~keep] = np.nan
-    return eff, b.numel / np.maximum(b.k, 1)
+    return eff, weight
 
 
 def rows_to_signals(s: dict[str, np.ndarray]) -> dict[str, list[float | None]]:
