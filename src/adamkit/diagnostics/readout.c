@@ -153,15 +153,21 @@ void adamkit_sample_sums(const double *samples, int64_t T, int64_t R, int64_t K,
 /* signals.effective_lrs, with the same operations in the same order (so the same bits):
  * out[i, j] = lr[i] / (sqrt(v[i, j] / bc2[i]) + eps[i]) where that root is > 0 and row i
  * moved (updated[i]), else NaN; v is row v_row of samples [T, R, K]. */
+CLONES
 void adamkit_effective_lrs(const double *samples, int64_t T, int64_t R, int64_t K,
                            int64_t v_row, const uint8_t *updated, const double *bc2,
                            const double *eps, const double *lr, double *out) {
     for (int64_t i = 0; i < T; i++) {
         const double *v = samples + (i * R + v_row) * K;
         double *to = out + i * K;
-        for (int64_t j = 0; j < K; j++) {
-            double root = sqrt(v[j] / bc2[i]);
-            to[j] = (updated[i] && root > 0) ? lr[i] / (root + eps[i]) : NAN;
+        const double b2 = bc2[i], e = eps[i], rate = lr[i];
+        if (!updated[i]) {
+            for (int64_t j = 0; j < K; j++) to[j] = NAN;
+            continue;
+        }
+        for (int64_t j = 0; j < K; j++) { /* branch-free, so that it vectorizes */
+            double root = sqrt(v[j] / b2), value = rate / (root + e);
+            to[j] = root > 0 ? value : NAN;
         }
     }
 }
