@@ -58,7 +58,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from adamkit.diagnostics import native, readout
+from adamkit.diagnostics import readout
 from adamkit.diagnostics import signals as S
 from adamkit.diagnostics.alerts import Alert, AlertConfig, AlertEngine, log_alert
 from adamkit.diagnostics.native import Percentiles
@@ -655,8 +655,7 @@ class Monitor:
         )
         fused = np.flatnonzero(flags.fused)
         sampled = None if not len(fused) else np.flatnonzero(~flags.fused)
-        # sqrt(v_hat) of the sample, for NumPy's sums and effective lrs (C computes its own)
-        root = None if native.library() is not None else S.sample_roots(batch)
+        root = S.sample_roots(batch)
         given = updated & flags.has_delta  # the optimizer's sum p0^2 and sum dp^2
         sums = S.batch_sums(batch, sampled, root, params=not given.all())
         sums["grad_sq"], sums["m_sq"], sums["v_sq"] = norms.T.copy()

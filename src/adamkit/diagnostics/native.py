@@ -1,7 +1,8 @@
 """The Monitor's sampled step in C: built once with the system's C compiler, NumPy otherwise.
 
-Four parts of a sampled step cost much more in torch and NumPy than the work they do
-(``readout.c``, tested against them):
+Three parts of a sampled step cost much more in torch and NumPy than the work they do
+(``readout.c``, tested against them; none of them computes anything of the Adam update, which
+stays in :mod:`adamkit.rule`):
 
 - :class:`Percentiles`: ranking every sampled entry for the effective-lr percentiles of
   each tensor and of each scope (:func:`adamkit.diagnostics.signals.row_percentiles` and the
@@ -9,11 +10,9 @@ Four parts of a sampled step cost much more in torch and NumPy than the work the
   takes about 30 calls (:class:`adamkit.diagnostics.ranking.RankedSample`: 0.45 ms for
   35 x 512 entries on the project's CPU, 0.75 ms right after a step has evicted the caches;
   in C 0.2-0.3 ms);
-- :func:`sample_sums`: the per-tensor sums of :func:`adamkit.diagnostics.signals.batch_sums`
-  in one pass over the sample instead of about 25 NumPy calls (0.3 ms after a step), equal
-  to NumPy's up to the order of the additions;
-- :func:`effective_lrs`: the effective lrs of every sampled entry, bit for bit (0.135 ms
-  in NumPy after a step, 0.06 in C);
+- :func:`row_sums`: the sums and counts of :func:`adamkit.diagnostics.signals.batch_sums`
+  over the normalised updates and roots it computes with :mod:`adamkit.rule`, in one pass
+  instead of about a dozen NumPy reductions, equal to NumPy's up to the order of additions;
 - :class:`Gather`: copying the sampled runs of the moments into the float64 sample array,
   which in torch is a ``torch.cat`` of strided views per view shape, a conversion and a
   scatter (0.3 ms for m and v of 35 tensors after a step; in C one call, 0.2 ms: the runs
@@ -117,11 +116,9 @@ def library() -> ctypes.CDLL | None:
         lib.adamkit_percentiles.restype = ctypes.c_int
         lib.adamkit_gather.argtypes = [i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr]
         lib.adamkit_gather.restype = None
-        lib.adamkit_sample_sums.argtypes = [ptr, i64, i64, i64, i64, i64, i64]
-        lib.adamkit_sample_sums.argtypes += [ptr, ptr, ptr, ptr, ptr, ptr, ctypes.c_double, ptr]
-        lib.adamkit_sample_sums.restype = None
-        lib.adamkit_effective_lrs.argtypes = [ptr, i64, i64, i64, i64, ptr, ptr, ptr, ptr, ptr]
-        lib.adamkit_effective_lrs.restype = None
+        lib.adamkit_row_sums.argtypes = [i64, i64, ptr, ptr, ptr, ptr, ptr, ptr]
+        lib.adamkit_row_sums.argtypes += [ctypes.c_double, ptr]
+        lib.adamkit_row_sums.restype = None
         _LIBRARY = lib
         return lib
 
@@ -212,60 +209,32 @@ class Gather:
         )  # fmt: skip
 
 
-def sample_sums(
-    samples: np.ndarray,
-    rows: dict[str, int],
+def row_sums(
+    u: np.ndarray,
+    root: np.ndarray,
+    v: np.ndarray,
     k: np.ndarray,
     w: np.ndarray,
-    use: np.ndarray,
-    bc1: np.ndarray,
-    bc2: np.ndarray,
     eps: np.ndarray,
     large: float,
-    params: bool,
 ) -> np.ndarray | None:
-    """The sums of :func:`adamkit.diagnostics.signals.batch_sums` in C ([7, T]: param_sq,
-    delta_sq, update_sq, v_hat_sum, active, eps_count, large, each times ``w``; zero for rows
-    not in ``use`` or with ``w`` 0, and param_sq, delta_sq without ``params``), or None where C
-    is not at hand. ``samples`` [T, R, K] (float64), ``rows``: the row of each of p0, p1, m, v
-    in it; per-row arrays of length T."""
+    """The reductions behind :func:`adamkit.diagnostics.signals.batch_sums` in C, or None
+    where C is not at hand: for each row of the [T, K] arrays, over its first ``k`` entries,
+    ``w`` times (sum u^2, sum v, #active, #active with root < eps, #active with |u| > large),
+    [5, T], "active" meaning root > 0; zero for rows with ``w`` 0. ``u`` and ``root`` come from
+    :mod:`adamkit.rule`: nothing of the update is computed here."""
     lib = library()
-    if lib is None or samples.dtype != np.float64 or not samples.flags.c_contiguous:
+    if lib is None:
         return None
-    T, R, K = samples.shape
-    if rows["p1"] != rows["p0"] + 1:
-        return None
-    out = np.zeros((7, T))
-    args = [np.ascontiguousarray(a, dtype=d) for a, d in ((k, np.int64), (w, np.float64))]
-    args.append(np.ascontiguousarray(use, dtype=np.uint8))
-    args += [np.ascontiguousarray(a, dtype=np.float64) for a in (bc1, bc2, eps)]
-    lib.adamkit_sample_sums(
-        samples.ctypes.data, T, R, K, rows["p0"] if params else -1, rows["m"], rows["v"],
-        *(a.ctypes.data for a in args), float(large), out.ctypes.data,
+    T, K = u.shape
+    arrays = [np.ascontiguousarray(a, dtype=np.float64) for a in (u, root, v, w, eps)]
+    u, root, v, w, eps = arrays
+    k = np.ascontiguousarray(np.minimum(k, K), dtype=np.int64)
+    out = np.zeros((5, T))
+    lib.adamkit_row_sums(
+        T, K, k.ctypes.data, w.ctypes.data, u.ctypes.data, root.ctypes.data, v.ctypes.data,
+        eps.ctypes.data, float(large), out.ctypes.data,
     )  # fmt: skip
-    return out
-
-
-def effective_lrs(
-    samples: np.ndarray,
-    v_row: int,
-    updated: np.ndarray,
-    bc2: np.ndarray,
-    eps: np.ndarray,
-    lr: np.ndarray,
-) -> np.ndarray | None:
-    """:func:`adamkit.diagnostics.signals.effective_lrs`' values in C, bit for bit ([T, K]),
-    or None where C is not at hand."""
-    lib = library()
-    if lib is None or samples.dtype != np.float64 or not samples.flags.c_contiguous:
-        return None
-    T, R, K = samples.shape
-    out = np.empty((T, K))
-    args = [np.ascontiguousarray(updated, dtype=np.uint8)]
-    args += [np.ascontiguousarray(a, dtype=np.float64) for a in (bc2, eps, lr)]
-    lib.adamkit_effective_lrs(
-        samples.ctypes.data, T, R, K, v_row, *(a.ctypes.data for a in args), out.ctypes.data
-    )
     return out
 
 

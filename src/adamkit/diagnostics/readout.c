@@ -2,9 +2,7 @@
  *
  * adamkit_gather: the sampled entries of many tensors, as float64 (see its comment).
  *
- * adamkit_sample_sums: the per-tensor sums of signals.batch_sums (see its comment).
- *
- * adamkit_effective_lrs: signals.effective_lrs (see its comment).
+ * adamkit_row_sums: the reductions of signals.batch_sums (see its comment).
  *
  * adamkit_percentiles: nearest-rank percentiles of a sample, per row and weighted per
  * scope, the native form of adamkit.diagnostics.signals.row_percentiles and of
@@ -79,15 +77,6 @@ void adamkit_gather(int64_t count, const uint64_t *ptr, const int32_t *dtype,
     }
 }
 
-/* The sums of signals.batch_sums over each row's sample, in one pass: for row i with
- * w[i] != 0 and use[i], over its first k[i] entries (the others are zeros, or masked where
- * eps <= 0: NumPy's result either way), with root = sqrt(v / bc2), u = (m / bc1) / (root + eps)
- * and "active" = root > 0:
- *   out[0..6][i] = w * (sum p0^2, sum (p1 - p0)^2, sum u^2, sum v / bc2, #active,
- *                       #active with root < eps, #active with |u| > large)
- * samples is [T, R, K] with rows p0, p1, m, v at p_row, p_row + 1, m_row, v_row (p_row < 0:
- * no params; out[0..1] left alone). Rows with w[i] == 0 or !use[i] are left alone. The sums
- * add entry by entry, so they differ from NumPy's pairwise sums by rounding only. */
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
 #else
@@ -95,79 +84,42 @@ void adamkit_gather(int64_t count, const uint64_t *ptr, const int32_t *dtype,
 #endif
 #define LANES 8 /* partial sums, so that the loop vectorizes without reassociation */
 
+/* The reductions of signals.batch_sums over each row's first k[i] entries (the others are
+ * zeros, or masked where eps <= 0: NumPy's result either way), for rows with w[i] != 0 (the
+ * others are left alone). The entries are computed by the caller with
+ * adamkit.rule (u = m_hat / (sqrt(v_hat) + eps), root = sqrt(v_hat)); here they are only added
+ * and counted, "active" meaning root > 0:
+ *   out[0..4][i] = w * (sum u^2, sum v, #active, #active with root < eps,
+ *                       #active with |u| > large)
+ * u, root and v are [T, K], row-major. The sums add in eight lanes, so they differ from
+ * NumPy's pairwise sums by rounding only. */
 CLONES
-void adamkit_sample_sums(const double *samples, int64_t T, int64_t R, int64_t K,
-                         int64_t p_row, int64_t m_row, int64_t v_row, const int64_t *k,
-                         const double *w, const uint8_t *use, const double *bc1,
-                         const double *bc2, const double *eps, double large, double *out) {
+void adamkit_row_sums(int64_t T, int64_t K, const int64_t *k, const double *w, const double *u,
+                      const double *root, const double *v, const double *eps, double large,
+                      double *out) {
     for (int64_t i = 0; i < T; i++) {
-        if (!use[i] || w[i] == 0.0) continue;
-        const double *row = samples + i * R * K;
-        const double *m = row + m_row * K, *v = row + v_row * K;
+        if (w[i] == 0.0) continue;
+        const double *ui = u + i * K, *ri = root + i * K, *vi = v + i * K;
         double acc[5][LANES] = {{0}};
-        const double b1 = bc1[i], b2 = bc2[i], e = eps[i];
-        int64_t n = k[i], j = 0;
-        for (; j + LANES <= n; j += LANES)
-            for (int l = 0; l < LANES; l++) {
-                double v_hat = v[j + l] / b2, root = sqrt(v_hat);
-                double u = (m[j + l] / b1) / (root + e), on = root > 0;
-                acc[0][l] += u * u;
-                acc[1][l] += v_hat;
-                acc[2][l] += on;
-                acc[3][l] += on * (root < e);
-                acc[4][l] += on * (fabs(u) > large);
-            }
-        for (; j < n; j++) {
-            double v_hat = v[j] / b2, root = sqrt(v_hat);
-            double u = (m[j] / b1) / (root + e), on = root > 0;
-            acc[0][0] += u * u;
-            acc[1][0] += v_hat;
-            acc[2][0] += on;
-            acc[3][0] += on * (root < e);
-            acc[4][0] += on * (fabs(u) > large);
-        }
+        const double e = eps[i];
+        int64_t j = 0;
+#define ADD(l, at)                                   \
+    do {                                             \
+        double on = ri[at] > 0;                      \
+        acc[0][l] += ui[at] * ui[at];                \
+        acc[1][l] += vi[at];                         \
+        acc[2][l] += on;                             \
+        acc[3][l] += on * (ri[at] < e);              \
+        acc[4][l] += on * (fabs(ui[at]) > large);    \
+    } while (0)
+        for (; j + LANES <= k[i]; j += LANES)
+            for (int l = 0; l < LANES; l++) ADD(l, j + l);
+        for (; j < k[i]; j++) ADD(0, j);
+#undef ADD
         for (int s = 0; s < 5; s++) {
             double total = 0.0;
             for (int l = 0; l < LANES; l++) total += acc[s][l];
-            out[(2 + s) * T + i] = w[i] * total;
-        }
-        if (p_row >= 0) {
-            const double *p0 = row + p_row * K, *p1 = p0 + K;
-            double param_sq[LANES] = {0}, delta_sq[LANES] = {0};
-            for (j = 0; j < n; j++) {
-                double d = p1[j] - p0[j];
-                param_sq[j % LANES] += p0[j] * p0[j];
-                delta_sq[j % LANES] += d * d;
-            }
-            double a = 0.0, b = 0.0;
-            for (int l = 0; l < LANES; l++) {
-                a += param_sq[l];
-                b += delta_sq[l];
-            }
-            out[0 * T + i] = w[i] * a;
-            out[1 * T + i] = w[i] * b;
-        }
-    }
-}
-
-/* signals.effective_lrs, with the same operations in the same order (so the same bits):
- * out[i, j] = lr[i] / (sqrt(v[i, j] / bc2[i]) + eps[i]) where that root is > 0 and row i
- * moved (updated[i]), else NaN; v is row v_row of samples [T, R, K]. */
-CLONES
-void adamkit_effective_lrs(const double *samples, int64_t T, int64_t R, int64_t K,
-                           int64_t v_row, const uint8_t *updated, const double *bc2,
-                           const double *eps, const double *lr, double *out) {
-    for (int64_t i = 0; i < T; i++) {
-        const double *v = samples + (i * R + v_row) * K;
-        double *to = out + i * K;
-        const double b2 = bc2[i], e = eps[i], rate = lr[i];
-        if (!updated[i]) {
-            for (int64_t j = 0; j < K; j++) to[j] = NAN;
-            continue;
-        }
-        for (int64_t j = 0; j < K; j++) { /* branch-free, so that it vectorizes */
-            double root = sqrt(v[j] / b2), value = rate / (root + e);
-            to[j] = root > 0 ? value : NAN;
+            out[s * T + i] = w[i] * total;
         }
     }
 }

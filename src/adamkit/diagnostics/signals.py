@@ -447,8 +447,6 @@ def batch_sums(
     k = b.k[rows]
     updated = b.updated[rows]
     w = np.where(updated, b.numel[rows] / np.maximum(k, 1), 0.0)
-    if _native_sums(sums, b, rows, w, params):
-        return sums
     # entries past k are zeros: they add nothing to a sum (u = 0 / (0 + eps) = 0) nor to a
     # count (sqrt(v_hat) = 0 is not active), so only the tensors that did not move are masked,
     # as a whole; with eps = 0 a padded u would be NaN, so entries are masked then
@@ -462,59 +460,40 @@ def batch_sums(
         eps = b.eps[rows][:, None]
         root = (sample_roots(b) if root is None else root)[rows]
         u = rule.normalized_update(m, v, bc1, bc2, eps, root)
-        active = root > 0 if upd is None else upd & (root > 0)
-
-        def total(x: np.ndarray) -> np.ndarray:
-            return _weighted(w, (x if upd is None else np.where(upd, x, 0.0)).sum(axis=1))
-
-        def squares(x: np.ndarray) -> np.ndarray:
-            if upd is None:
-                return _weighted(w, np.einsum("ij,ij->i", x, x))
-            return total(x * x)
-
         if params:
-            sums["param_sq"][rows] = squares(p0)
-            sums["delta_sq"][rows] = squares(p1 - p0)
+            sums["param_sq"][rows] = _squares(w, p0, upd)
+            sums["delta_sq"][rows] = _squares(w, p1 - p0, upd)
+        reduced = native.row_sums(u, root, v, k, w, eps[:, 0], LARGE_UPDATE)
+        if reduced is not None:  # C where it builds: the same sums and counts, one pass
+            update_sq, v_sum, active, eps_count, large = reduced
+            v_hat_sum = np.where(w != 0, v_sum / bc2[:, 0], 0.0)
+        else:
+            on = root > 0 if upd is None else upd & (root > 0)
+            update_sq, v_hat_sum = _squares(w, u, upd), _total(w, v / bc2, upd)
+            active = w * np.count_nonzero(on, axis=1)
+            eps_count = w * np.count_nonzero(on & (root < eps), axis=1)
+            large = w * np.count_nonzero(on & (np.abs(u) > LARGE_UPDATE), axis=1)
         for key, value in (
-            ("update_sq", squares(u)),
-            ("v_hat_sum", total(v / bc2)),
-            ("active", w * np.count_nonzero(active, axis=1)),
-            ("eps_count", w * np.count_nonzero(active & (root < eps), axis=1)),
-            ("large", w * np.count_nonzero(active & (np.abs(u) > LARGE_UPDATE), axis=1)),
+            ("update_sq", update_sq),
+            ("v_hat_sum", v_hat_sum),
+            ("active", active),
+            ("eps_count", eps_count),
+            ("large", large),
         ):
             sums[key][rows] = value
     return sums
 
 
-_NATIVE_SUMS = ("param_sq", "delta_sq", "update_sq", "v_hat_sum", "active", "eps_count", "large")
+def _total(w: np.ndarray, x: np.ndarray, upd: np.ndarray | None) -> np.ndarray:
+    """``w`` times each row's sum of ``x`` over the entries ``upd`` (None: all)."""
+    return _weighted(w, (x if upd is None else np.where(upd, x, 0.0)).sum(axis=1))
 
 
-def _native_sums(
-    sums: dict[str, np.ndarray],
-    b: SampleBatch,
-    rows: slice | np.ndarray,
-    w: np.ndarray,
-    params: bool,
-) -> bool:
-    """:func:`batch_sums`' sums of ``rows`` in C (:func:`adamkit.diagnostics.native.sample_sums`,
-    one pass), written into ``sums``; False where C is not at hand."""
-    T = len(b.k)
-    use = np.zeros(T, dtype=bool)
-    use[rows] = True
-    weights = np.zeros(T)
-    weights[rows] = w
-    with np.errstate(over="ignore", invalid="ignore"):
-        bc1, bc2 = bias_corrections(b.step, b.beta1, b.beta2)
-    index = {name: j for j, name in enumerate(SAMPLE_ROWS)}
-    got = native.sample_sums(
-        b.samples, index, b.k, weights, use, bc1, bc2, b.eps, LARGE_UPDATE, params
-    )
-    if got is None:
-        return False
-    for key, values in zip(_NATIVE_SUMS, got):
-        if params or key not in ("param_sq", "delta_sq"):
-            sums[key][rows] = values[rows]
-    return True
+def _squares(w: np.ndarray, x: np.ndarray, upd: np.ndarray | None) -> np.ndarray:
+    """``w`` times each row's sum of ``x^2`` over the entries ``upd`` (None: all)."""
+    if upd is None:
+        return _weighted(w, np.einsum("ij,ij->i", x, x))
+    return _total(w, x * x, upd)
 
 
 def _weighted(w: np.ndarray, row_sums: np.ndarray) -> np.ndarray:
@@ -525,15 +504,9 @@ def _weighted(w: np.ndarray, row_sums: np.ndarray) -> np.ndarray:
 def effective_lrs(b: SampleBatch, root: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The effective lr lr / (sqrt(v_hat) + eps) of every sampled entry ([T, K], NaN where the
     entry is not an active entry of an updated tensor) and the weight n / k of each tensor's
-    entries. ``root``: :func:`sample_roots` of ``b``, when the caller has it (else C computes
-    the same values where it is at hand: :func:`adamkit.diagnostics.native.effective_lrs`)."""
+    entries. ``root``: :func:`sample_roots` of ``b``, when the caller has it."""
     weight = b.numel / np.maximum(b.k, 1)
     if root is None:
-        with np.errstate(over="ignore", invalid="ignore"):
-            _, bc2 = bias_corrections(b.step, b.beta1, b.beta2)
-        eff = native.effective_lrs(b.samples, SAMPLE_ROWS.index("v"), b.updated, bc2, b.eps, b.lr)
-        if eff is not None:
-            return eff, weight
         root = sample_roots(b)
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         keep = root > 0  # not the zeros past k

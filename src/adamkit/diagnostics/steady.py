@@ -73,36 +73,37 @@ class SteadyReads:
             (views, self._dest(r, np.full(len(r), ROW["p1"])))
             for r, (_, views) in zip(param_rows, layout.param_views)
         ]
-        # m and v (the v the denominator used): one list of views per (device, dtype, view
-        # shape: whole or runs)
-        groups: dict[tuple, tuple[list[Tensor], list[int], list[int]]] = {}
-        for i, row in enumerate(rows):
-            v = row.v if row.vmax is None else row.vmax
-            for kind, t in ((ROW["m"], row.m), (ROW["v"], v)):
-                view = row.entry.view(t)
+        self.shape = (T, len(S.SAMPLE_ROWS), self.K)
+        # m and v (the v the denominator used): in C where it builds (native.Gather: one
+        # call), else one list of views per (device, dtype, view shape: whole or runs)
+        moments = [
+            (i, kind, t)
+            for i, row in enumerate(rows)
+            for kind, t in ((ROW["m"], row.m), (ROW["v"], row.v if row.vmax is None else row.vmax))
+        ]
+        self.gather = self._native_gather(rows, moments)
+        if self.gather is None:
+            groups: dict[tuple, tuple[list[Tensor], list[int], list[int]]] = {}
+            for i, kind, t in moments:
+                view = rows[i].entry.view(t)
                 views, rs, kinds = groups.setdefault(readout.gather_key(view), ([], [], []))
                 views.append(view)
                 rs.append(i)
                 kinds.append(kind)
-        self.shape = (T, len(S.SAMPLE_ROWS), self.K)
-        # m and v in C where it builds (native.Gather: one call), else in the Transfer
-        self.gather = self._native_gather(rows)
-        if self.gather is None:
             self.groups += [
                 (views, self._dest(np.array(rs), np.array(kinds)))
                 for views, rs, kinds in groups.values()
             ]
 
-    def _native_gather(self, rows: list[Any]) -> native.Gather | None:
-        tensors, table = [], []
+    def _native_gather(self, rows: list[Any], moments: list[tuple]) -> native.Gather | None:
+        """The copy of the samples of ``moments`` ((row, kind, tensor)) in C, or None."""
         R, K = len(S.SAMPLE_ROWS), self.K
-        for i, row in enumerate(rows):
-            v = row.v if row.vmax is None else row.vmax
-            sampler = row.entry.sampler
-            for kind, t in ((ROW["m"], row.m), (ROW["v"], v)):
-                tensors.append(t)
-                table.append((sampler.runs, sampler.run, sampler.stride, (i * R + kind) * K))
-        return native.Gather.of(tensors, np.array(table, dtype=np.int64))
+        table = []
+        for i, kind, _ in moments:
+            sampler = rows[i].entry.sampler
+            table.append((sampler.runs, sampler.run, sampler.stride, (i * R + kind) * K))
+        tensors = [t for _, _, t in moments]
+        return native.Gather.of(tensors, np.array(table, dtype=np.int64).reshape(-1, 4))
 
     def _dest(self, rows: np.ndarray, kinds: np.ndarray) -> np.ndarray:
         """Where the samples of ``rows`` (of ``kinds``), end to end, go in the flat array."""
