@@ -180,3 +180,15 @@ def test_row_sums_in_c_equal_numpys_batch_sums(params, monkeypatch) -> None:
             numpy_sums = S.batch_sums(batch, rows, params=params)
         for key in S.ADDITIVE:
             np.testing.assert_allclose(native_sums[key], numpy_sums[key], rtol=1e-12, err_msg=key)
+
+
+def test_mismatched_shapes_are_refused_before_c_reads_them() -> None:
+    if native.library() is None:
+        return  # the NumPy path raises its own errors
+    eff = np.ones((3, 4))
+    with pytest.raises(ValueError, match=r"w of shape \(3,\)"):
+        native.Percentiles()(eff, np.ones(2), np.ones((1, 3), bool), (50,))
+    with pytest.raises(ValueError, match=r"scopes of shape \(S, 3\)"):
+        native.Percentiles()(eff, np.ones(3), np.ones((1, 4), bool), (50,))
+    with pytest.raises(ValueError, match="row_sums: u, root and v of one shape"):
+        native.row_sums(eff, eff[:2], eff, np.full(3, 4), np.ones(3), np.ones(3), 0.5)

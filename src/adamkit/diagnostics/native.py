@@ -90,7 +90,7 @@ def _build(compiler: str, source: bytes) -> Path:
         finally:
             if os.path.exists(partial):
                 os.unlink(partial)
-    raise OSError("no writable cache directory for adamkit's native percentiles")
+    raise OSError("no writable cache directory for adamkit's native readout")
 
 
 def library() -> ctypes.CDLL | None:
@@ -146,6 +146,11 @@ class Percentiles:
         qs = np.ascontiguousarray(q, dtype=np.float64)
         T, K = eff.shape
         S, Q = inside.shape[0], len(qs)
+        if w.shape != (T,) or inside.shape != (S, T):
+            raise ValueError(
+                f"Percentiles: eff of {T} rows needs w of shape ({T},) and scopes of shape "
+                f"(S, {T}), got {w.shape} and {inside.shape}"
+            )
         need = (lib.adamkit_percentiles_work_bytes(T, K, Q) + 7) // 8
         if self._work.size < need:
             self._work = np.empty(need, dtype=np.uint64)
@@ -229,6 +234,11 @@ def row_sums(
     T, K = u.shape
     arrays = [np.ascontiguousarray(a, dtype=np.float64) for a in (u, root, v, w, eps)]
     u, root, v, w, eps = arrays
+    if root.shape != u.shape or v.shape != u.shape or w.shape != (T,) or eps.shape != (T,):
+        raise ValueError(
+            f"row_sums: u, root and v of one shape {u.shape} and w, eps of ({T},), got "
+            f"{root.shape}, {v.shape}, {w.shape}, {eps.shape}"
+        )
     k = np.ascontiguousarray(np.minimum(k, K), dtype=np.int64)
     out = np.zeros((5, T))
     lib.adamkit_row_sums(
