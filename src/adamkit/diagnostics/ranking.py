@@ -69,12 +69,20 @@ def value_order(values: np.ndarray) -> np.ndarray:
     return order
 
 
-def _ranks(q: Sequence[float], count: np.ndarray) -> np.ndarray:
+def nearest_ranks(q: Sequence[float], count: np.ndarray) -> np.ndarray:
     """0-based nearest-rank positions of the percentiles ``q`` among ``count`` entries
-    ([len(count), len(q)]), as :func:`adamkit.diagnostics.signals.row_percentiles`."""
+    ([len(count), len(q)]): the smallest rank whose fraction of entries reaches q/100."""
     frac = np.asarray(q, dtype=np.float64) / 100.0
     ranks = np.ceil(frac[None, :] * count[:, None] - 1e-9).astype(np.intp) - 1
     return np.clip(ranks, 0, None)
+
+
+def weighted_crossings(cum: np.ndarray, q: Sequence[float]) -> np.ndarray:
+    """Positions in the running weights ``cum`` (in value order) of the weighted nearest-rank
+    percentiles ``q``: the first entry whose running weight reaches q/100 of the total, less a
+    relative 1e-12 (so that a weight exactly at the threshold is not lost to rounding)."""
+    frac = np.asarray(q, dtype=np.float64) / 100.0
+    return np.searchsorted(cum, frac * cum[-1] * (1 - 1e-12), side="left")
 
 
 class RankedSample:
@@ -98,7 +106,7 @@ class RankedSample:
             return out
         by_row = self.order[_stable_order(self.row[self.order])]  # by row, then by value
         starts = np.cumsum(count) - count
-        idx = starts[:, None] + _ranks(q, count)
+        idx = starts[:, None] + nearest_ranks(q, count)
         has = count > 0
         out[has] = self.values[by_row[idx[has]]]
         return out
@@ -121,7 +129,6 @@ class RankedSample:
         weight = np.asarray(w, dtype=np.float64)[row]
         # torch's CPU cumsum adds in the same order as NumPy's (the reference's), 5x faster here
         cum = torch.cumsum(torch.from_numpy(weight), 0).numpy()
-        frac = np.asarray(q, dtype=np.float64) / 100.0
-        idx = np.searchsorted(cum, frac * cum[-1] * (1 - 1e-12), side="left")
+        idx = weighted_crossings(cum, q)
         ordered = self.values[order[np.minimum(idx, n - 1)]]
         return [float(x) for x in ordered]

@@ -81,7 +81,7 @@ from torch import Tensor
 
 from adamkit import rule
 from adamkit.diagnostics import native
-from adamkit.diagnostics.ranking import RankedSample
+from adamkit.diagnostics.ranking import RankedSample, nearest_ranks, weighted_crossings
 from adamkit.rule import bias_corrections
 
 Scalar = float | Tensor
@@ -167,7 +167,6 @@ def percentiles(
     values = np.asarray(values, dtype=np.float64)
     if values.size == 0:
         return [math.nan] * len(q)
-    frac = np.asarray(q, dtype=np.float64) / 100.0
     # stable: equal values in their order, which weighted_percentiles reproduces
     if weights is None:
         ordered = np.sort(values, kind="stable")
@@ -175,7 +174,7 @@ def percentiles(
     else:
         order = np.argsort(values, kind="stable")
         ordered, cum = values[order], np.cumsum(np.asarray(weights, dtype=np.float64)[order])
-    idx = np.searchsorted(cum, frac * cum[-1] * (1 - 1e-12), side="left")
+    idx = weighted_crossings(cum, q)
     return [float(ordered[min(i, values.size - 1)]) for i in idx]
 
 
@@ -547,17 +546,14 @@ def sums_to_signals(s: dict[str, float]) -> dict[str, float | None]:
     return {key: value[0] for key, value in out.items()}
 
 
-def row_percentiles(
-    eff: np.ndarray, q: Sequence[float] = PERCENTILES, *, presorted: bool = False
-) -> np.ndarray:
+def row_percentiles(eff: np.ndarray, q: Sequence[float] = PERCENTILES) -> np.ndarray:
     """Nearest-rank percentiles of each row of ``eff`` over its non-NaN entries ([T, len(q)],
-    NaN for a row without any). ``presorted``: each row is sorted already, NaN last."""
+    NaN for a row without any)."""
     if eff.shape[1] == 0:
         return np.full((eff.shape[0], len(q)), np.nan)
-    ordered = eff if presorted else np.sort(eff, axis=1)  # NaN last
+    ordered = np.sort(eff, axis=1)  # NaN last
     count = np.count_nonzero(~np.isnan(eff), axis=1)
-    frac = np.asarray(q, dtype=np.float64) / 100.0
-    idx = np.clip(np.ceil(frac[None, :] * count[:, None] - 1e-9).astype(np.intp) - 1, 0, None)
+    idx = nearest_ranks(q, count)
     out = np.take_along_axis(ordered, idx, axis=1)  # a row without entries: NaN already
     out[count == 0] = np.nan
     return out
