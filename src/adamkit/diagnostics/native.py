@@ -113,7 +113,7 @@ def library() -> ctypes.CDLL | None:
         lib.adamkit_percentiles_work_bytes.argtypes = [i64, i64, i64]
         lib.adamkit_percentiles_work_bytes.restype = i64
         lib.adamkit_percentiles.argtypes = [ptr, i64, i64, ptr, ptr, i64, ptr, i64, ptr, ptr, ptr]
-        lib.adamkit_percentiles.restype = ctypes.c_int
+        lib.adamkit_percentiles.restype = None
         lib.adamkit_gather.argtypes = [i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr]
         lib.adamkit_gather.restype = None
         lib.adamkit_row_sums.argtypes = [i64, i64, ptr, ptr, ptr, ptr, ptr, ptr]

@@ -237,9 +237,9 @@ int64_t adamkit_percentiles_work_bytes(int64_t T, int64_t K, int64_t Q) {
     return 8 * T * (Q + 2) + 4 * PASSES * BUCKETS + 16 * T * K;
 }
 
-int adamkit_percentiles(const double *eff, int64_t T, int64_t K, const double *w,
-                        const uint8_t *scopes, int64_t S, const double *q, int64_t Q,
-                        double *row_out, double *scope_out, void *work) {
+void adamkit_percentiles(const double *eff, int64_t T, int64_t K, const double *w,
+                         const uint8_t *scopes, int64_t S, const double *q, int64_t Q,
+                         double *row_out, double *scope_out, void *work) {
     int64_t *rank = (int64_t *)work; /* [T, Q] */
     int64_t *start = rank + T * Q, *seen = start + T;
     uint32_t (*counts)[BUCKETS] = (uint32_t (*)[BUCKETS])(seen + T);
@@ -259,7 +259,7 @@ int adamkit_percentiles(const double *eff, int64_t T, int64_t K, const double *w
         n += count;
     }
     for (int64_t s = 0; s < S * Q; s++) scope_out[s] = NAN;
-    if (n == 0) return 0;
+    if (n == 0) return;
     int shift = 0;
     while ((INT64_C(1) << shift) < K) shift++;
     const uint32_t mask = (1U << shift) - 1;
@@ -311,5 +311,4 @@ int adamkit_percentiles(const double *eff, int64_t T, int64_t K, const double *w
         for (int64_t j = 0; j < Q; j++) /* past every entry (q > 100): the last one */
             if (isnan(out[j])) out[j] = VALUE(order[last]);
     }
-    return 0;
 }
