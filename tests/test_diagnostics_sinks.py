@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import math
 import os
 import sys
@@ -172,3 +173,38 @@ def test_overhead_probe_measures_each_sampling_period() -> None:
     opt = adamkit.AdamW(params)
     measure(lambda ps: opt, params=params, every=(2,), steps=2, repeats=1, warmup=1)
     assert not opt._optimizer_step_pre_hooks and not opt._optimizer_step_post_hooks
+
+
+def test_overhead_probe_times_a_default_monitor_with_its_alerts_unlogged(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from adamkit.diagnostics.alerts import AlertEngine
+
+    calls = []
+    evaluate = AlertEngine.evaluate
+
+    def counted(self, *args, **kwargs):
+        out = evaluate(self, *args, **kwargs)
+        calls.append(out)
+        return out
+
+    monkeypatch.setattr(AlertEngine, "evaluate", counted)
+    params = [nn.Parameter(torch.randn(32, 32)) for _ in range(2)]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    params[0].grad[3, 4] = float("nan")  # a "nonfinite" alert at the first sampled step
+    logger = logging.getLogger("adamkit")
+    level = logger.level
+    with caplog.at_level(logging.WARNING, logger="adamkit"):
+        measure(params=params, every=(1,), steps=4, repeats=1, warmup=1)
+        # (the level caplog set is back once measure returns)
+        assert logger.level == logging.WARNING
+    fired = [a for out in calls for a in out]
+    assert calls and {a.name for a in fired} == {"nonfinite"}  # judged, and one fired
+    assert not [r for r in caplog.records if r.name == "adamkit"]  # but none was logged
+    assert logger.level == level
+    calls.clear()
+    measure(
+        params=params, every=(1,), steps=2, repeats=1, warmup=1, monitor_kwargs={"alerts": False}
+    )
+    assert not calls
