@@ -9,8 +9,8 @@ different states, which made that ratio swing from -22% to +17% for the same cod
 attaches a new Monitor and lets it take one sampled step untimed first, so that what is timed is
 the steady state of a long run (its first sampled step also builds its layout of the params).
 The Monitor has its default arguments unless told otherwise, alerts included: their
-evaluation is timed; the warnings the synthetic run provokes (fixed gradients make sign-like
-updates) are kept off the ``adamkit`` logger while timing. ``adamkit bench --monitor`` calls it.
+evaluation is timed; any warnings the synthetic run provokes (its gradients never change) are
+kept off the ``adamkit`` logger while timing. ``adamkit bench --monitor`` calls it.
 """
 
 from __future__ import annotations
