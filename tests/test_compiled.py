@@ -674,6 +674,44 @@ def test_signal_kernels_follow_fused_signals() -> None:
         opt.supports_fused_signals  # noqa: B018
 
 
+def test_signal_kernels_that_cannot_compile_warn_once_and_the_monitor_measures(
+    monkeypatch,
+) -> None:
+    """A signals kernel that fails to compile leaves a Monitor to read the norms itself: the
+    step and the records are those of the plain kernels, and one RuntimeWarning says why."""
+    compile_kernel = kernels._compile
+
+    def no_signals(spec, device):
+        if spec.signals:
+            raise kernels.CompileUnavailable("simulated: no signal kernel")
+        return compile_kernel(spec, device)
+
+    monkeypatch.setattr(kernels, "_KERNELS", {})
+    monkeypatch.setattr(kernels, "_compile", no_signals)
+    shapes = [(300, 7), (129,), (64, 33)]
+    ps = _model(shapes)
+    opt = adamkit.AdamW(ps, lr=1e-2, backend="compiled")
+    opt.fused_signals = True
+    mon = adamkit.Monitor(opt, every=1, alerts=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for step in range(3):
+            _set_grads(ps, step)
+            opt.step()
+    messages = [str(w.message) for w in caught if "signal sums" in str(w.message)]
+    assert len(messages) == 1 and "simulated: no signal kernel" in messages[0], messages
+    assert not [str(w.message) for w in caught if "compiled backend" in str(w.message)]
+    assert not opt.fused_signal_sums  # nothing was handed over
+    record = mon.latest()
+    for name, p in zip(record["tensors"], ps):
+        t = record["tensors"][name]
+        assert t["grad_norm"] == pytest.approx(p.grad.double().norm().item(), rel=1e-6)
+        assert t["exp_avg_norm"] == pytest.approx(
+            opt.state[p]["exp_avg"].double().norm().item(), rel=1e-6
+        )
+    mon.close()
+
+
 def test_signal_policy_compiles_once_the_reads_saved_pay_for_it() -> None:
     """Ski rental: each sampled step without the kernels adds the read of g, m, v that they
     would have saved; the kernels are compiled once that reaches COMPILE_SECONDS per missing

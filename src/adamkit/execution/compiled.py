@@ -80,6 +80,7 @@ class CompiledExecutor:
         self.auto = auto
         self._warn = warn or (lambda msg: warnings.warn(msg, RuntimeWarning, stacklevel=4))
         self._warned = False
+        self._signals_warned = False
         self._plans: dict[int, GroupPlan] = {}
         self._kinds: dict[int, tuple] = {}  # auto: the kernel kinds each group needs
         self.policy = AutoPolicy() if auto else None
@@ -218,8 +219,9 @@ class CompiledExecutor:
         if fused and calls:
             try:
                 calls = plan.signal_calls()
-            except CompileUnavailable:
+            except CompileUnavailable as err:
                 calls, fused = plan.calls, False  # no sums: the Monitor measures itself
+                self._warn_signals_once(err)
         plan.stage_in(grads)
         for k, call in enumerate(calls):
             args = call.args
@@ -286,6 +288,16 @@ class CompiledExecutor:
             self._warn(
                 "adamkit: the compiled backend is unavailable for some params "
                 f"({error}); they take the uncompiled path"
+            )
+
+    def _warn_signals_once(self, error: Exception) -> None:
+        """The signal kernels cannot run: a Monitor's sampled steps then read every gradient
+        and moment for their norms (exact, slower), which the user should know once."""
+        if not self._signals_warned:
+            self._signals_warned = True
+            self._warn(
+                "adamkit: the compiled signal sums are unavailable "
+                f"({error}); a Monitor's sampled steps measure the norms themselves (slower)"
             )
 
 
