@@ -79,8 +79,7 @@ class CompiledExecutor:
     def __init__(self, *, auto: bool = False, warn: Callable[[str], None] | None = None):
         self.auto = auto
         self._warn = warn or (lambda msg: warnings.warn(msg, RuntimeWarning, stacklevel=4))
-        self._warned = False
-        self._signals_warned = False
+        self._warned: set[str] = set()  # the kinds of warning given (each at most once)
         self._plans: dict[int, GroupPlan] = {}
         self._kinds: dict[int, tuple] = {}  # auto: the kernel kinds each group needs
         self.policy = AutoPolicy() if auto else None
@@ -183,7 +182,7 @@ class CompiledExecutor:
             )
             self._plans[index] = plan
             if plan.compile_error is not None:
-                self._warn_once(plan.compile_error)
+                self._warn_unavailable(plan.compile_error)
             _dense_grads_(plan, grads)  # the kernels need contiguous grads
         if device_scalars is not None:
             plan.device_scalars = device_scalars  # the group's current hyperparameters
@@ -221,7 +220,7 @@ class CompiledExecutor:
                 calls = plan.signal_calls()
             except CompileUnavailable as err:
                 calls, fused = plan.calls, False  # no sums: the Monitor measures itself
-                self._warn_signals_once(err)
+                self._warn_no_signals(err)
         plan.stage_in(grads)
         for k, call in enumerate(calls):
             args = call.args
@@ -280,25 +279,28 @@ class CompiledExecutor:
         plan.buckets = []
         plan.calls = []
         plan.compile_error = failure
-        self._warn_once(failure)
+        self._warn_unavailable(failure)
 
-    def _warn_once(self, error: Exception) -> None:
-        if not self._warned:
-            self._warned = True
-            self._warn(
-                "adamkit: the compiled backend is unavailable for some params "
-                f"({error}); they take the uncompiled path"
-            )
+    def _warn_once(self, kind: str, message: str) -> None:
+        if kind not in self._warned:
+            self._warned.add(kind)
+            self._warn(message)
 
-    def _warn_signals_once(self, error: Exception) -> None:
+    def _warn_unavailable(self, error: Exception) -> None:
+        self._warn_once(
+            "kernels",
+            f"adamkit: the compiled backend is unavailable for some params ({error}); they "
+            "take the uncompiled path",
+        )
+
+    def _warn_no_signals(self, error: Exception) -> None:
         """The signal kernels cannot run: a Monitor's sampled steps then read every gradient
         and moment for their norms (exact, slower), which the user should know once."""
-        if not self._signals_warned:
-            self._signals_warned = True
-            self._warn(
-                "adamkit: the compiled signal sums are unavailable "
-                f"({error}); a Monitor's sampled steps measure the norms themselves (slower)"
-            )
+        self._warn_once(
+            "signals",
+            f"adamkit: the compiled signal sums are unavailable ({error}); a Monitor's sampled "
+            "steps measure the norms themselves (slower)",
+        )
 
 
 def _kinds(params: list[Tensor], codecs: list, stochastic: bool) -> set[tuple]:
