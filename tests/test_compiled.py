@@ -861,3 +861,40 @@ def test_serial_and_parallel_cpu_code_are_cached_apart() -> None:
         torch.set_num_threads(threads)
     assert serial != parallel
     assert kernels.CODEGEN_PATCHES in serial and kernels.CODEGEN_PATCHES in parallel
+
+
+def test_kept_scratch_buffers_change_no_sum_and_no_output_is_reused(monkeypatch) -> None:
+    """With kernels.KEEP_SCRATCH (a signals kernel's wrapper keeps its scratch buffers between
+    calls: adamkit.execution.scratch) three sampled steps of changing gradients give the sums,
+    params and moments of the kernels without it, bit for bit; the sums a step handed over
+    are still its own after the next steps (outputs are never kept); and the pass applied."""
+
+    def run():
+        ps = _model([(64, 128), (4097,), (300, 7)])
+        opt = adamkit.AdamW(ps, lr=1e-2, weight_decay=0.1, backend="compiled")
+        opt.fused_signals = True
+        handed, copies = [], []
+        for step in range(3):
+            _set_grads(ps, step)
+            opt.fused_signals_request = True
+            opt.step()
+            handed.append(dict(opt.fused_signal_sums))
+            copies.append({p: s.clone() for p, s in opt.fused_signal_sums.items()})
+        assert opt._executor._plans[0].eager == [] and opt._executor._plans[0].failed == []
+        for sums, kept in zip(handed, copies):
+            for p in ps:
+                assert torch.equal(sums[p], kept[p]), p.shape
+        return ps, opt, copies
+
+    flags = [{"KEEP_SCRATCH": True}, {"KEEP_SCRATCH": False}]
+    passes = {"keep_scratch": lambda out, src: out != src}
+    runs, applied = _variants(monkeypatch, flags, passes, run)
+    assert applied == {"keep_scratch": True}
+    (ps, opt, sums), (ref_ps, ref, ref_sums) = runs
+    assert any(not torch.equal(sums[0][p], sums[2][p]) for p in ps)  # the sums did change
+    for p, q in zip(ps, ref_ps):
+        assert torch.equal(p, q), p.shape
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(opt.state[p][key], ref.state[q][key]), (p.shape, key)
+        for step in range(3):
+            assert torch.equal(sums[step][p], ref_sums[step][q]), (step, p.shape)

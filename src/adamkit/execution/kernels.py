@@ -41,6 +41,7 @@ from adamkit.execution.localizing import hoist_row_loops, localize_row_temps
 from adamkit.execution.maxima import integer_maxima
 from adamkit.execution.merging import merge_sum_loops
 from adamkit.execution.multi_tensor import moment_keys
+from adamkit.execution.scratch import keep_scratch
 from adamkit.execution.sharing import share_row_values
 from adamkit.rule import StepScalars, UpdateFlags, adam_update, step_scalars
 from adamkit.storage.rounding import ShardKey
@@ -454,6 +455,7 @@ def _compile(spec: KernelSpec, device: torch.device) -> Kernel:
             _prefetched_loads(),
             _vector_narrowing(),
             _rewritten_source(),
+            _kept_scratch(spec.signals and KEEP_SCRATCH),
         ):
             compiled = inductor_compile(gm, example_inputs, options=options)
         captured["fn"] = compiled
@@ -564,7 +566,8 @@ CODEGEN_PATCHES = (
     "int32->uint8 through int8, invariants hoisted from row loops (a name once a block), "
     "barriers dropped, signal sums merged into the update loop (p0 and dp too), row loops "
     "fused (runs of them), row values shared, sums of squares by fmadd, row temporaries of "
-    "the kernel's own nodes on the stack, block maxima of magnitudes as int32 maxima"
+    "the kernel's own nodes on the stack, block maxima of magnitudes as int32 maxima, "
+    "signal wrappers keep their scratch buffers"
 )
 """Names the changes this module makes to inductor's C++ code generation while it compiles
 (:func:`_copies_follow_lowp_tiling`, :func:`_vector_bitcasts`, :func:`_vector_aranges`,
@@ -598,6 +601,7 @@ def _codegen_marker(device: torch.device):
     merged += "" if CONTRACT_SUMS else "; sums not contracted"
     shared = "" if SHARE_ROW_VALUES else "; row values not shared"
     shared += "" if LOCALIZE_ROW_TEMPS else "; row temporaries not local"
+    shared += "" if KEEP_SCRATCH else "; scratch not kept"
     key = f"{CODEGEN_PATCHES}; {mode}{merged}{shared}"
 
     class CodegenPatches(CustomGraphPass):
@@ -785,6 +789,34 @@ def _rewritten_source():
 
     return _replaced(lambda: _inductor_cpp().CppScheduling, "define_kernel", replace)
 
+
+def _kept_scratch(on: bool):
+    """While compiling a signals kernel: its Python wrapper keeps the buffers its sums are
+    written to between calls (:func:`adamkit.execution.scratch.keep_scratch`) instead of
+    allocating about 600 buffers and views a step. Without inductor's method nothing changes."""
+    if not on:
+        return contextlib.nullcontext()
+
+    def replace(original):
+        def generate(self, *args, **kwargs):
+            code, declarations = original(self, *args, **kwargs)
+            code.value = keep_scratch(code.value)
+            return code, declarations
+
+        return generate
+
+    return _replaced(_python_wrapper, "generate", replace)
+
+
+def _python_wrapper():
+    from torch._inductor.codegen.wrapper import PythonWrapperCodegen
+
+    return PythonWrapperCodegen
+
+
+KEEP_SCRATCH = True
+"""Whether signals kernels keep their scratch buffers between calls (:func:`_kept_scratch`;
+tests and A/B timings switch it off)."""
 
 MERGE_SUM_LOOPS = True
 """Whether :func:`_rewritten_source` merges a signals kernel's sums loops into its update loops

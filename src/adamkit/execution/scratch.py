@@ -1,0 +1,153 @@
+"""Scratch buffers kept between calls (a text pass over inductor's Python wrapper).
+
+A signals kernel's wrapper (the Python ``call`` inductor writes around the C++ kernel) allocates,
+on every call, the buffers the kernel writes its per-row and per-slot sums into: for a graph of
+8 slots about 40 ``empty_strided_cpu`` calls and as many ``reinterpret_tensor`` views of them,
+310 and 294 a step for 35 tensors, about 0.3 ms of Python before the first row is touched, and
+as much again in the tensors' deallocation (docs/benchmarks.md, session 18). Only the output,
+the ``[slots, sums]`` table, leaves the call; every other buffer is scratch: written by the
+kernel, read by the kernel, dropped.
+
+:func:`keep_scratch` rewrites the wrapper so that the scratch buffers of a call are made once
+per (thread, sizes) and handed back on later calls with the same sizes::
+
+    buf0 = empty_strided_cpu((s22, ), (1, ), torch.float32)
+    buf6 = reinterpret_tensor(buf11, (1, ), (1, ), 0)  # alias
+
+become one line, ``buf0, buf6, ... = _adamkit_scratch(<cache>, <maker>, (s22, ...))``, whose
+maker (a module-level function appended to the wrapper) holds the original lines. A buffer is
+scratch when it is at most 1-D (row sums, scalars: a small fraction of the params' bytes) and
+neither it nor any alias or reuse of it appears in the ``return`` line; an alias is scratch
+with its base. Buffers are reused only by the thread that made them (two threads calling
+one kernel at once each get their own); a cache keeps the sizes of its last
+:data:`KEEP_SIZES` calls, and buffers above :data:`MAX_BYTES` in all are made per call as
+before. The kernel's values do not change: it writes every scratch element it reads (each
+row's sums are stored before the slot's sums read them), as it did on fresh, uninitialised
+memory.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from collections.abc import Callable
+
+from torch import Tensor
+
+KEEP_SIZES = 4
+"""Sizes (keys) a wrapper keeps scratch buffers for; the oldest is dropped beyond that."""
+
+MAX_BYTES = 64 << 20
+"""Scratch of one call above this many bytes is made per call (not kept)."""
+
+_ALLOC = re.compile(r"^(\s+)(buf\d+) = empty_strided_cpu\(\((.*?)\), \((.*?)\), (torch\.\w+)\)$")
+_ALIAS = re.compile(r"^(\s+)(buf\d+) = reinterpret_tensor\((buf\d+), (.*)\)  # alias$")
+_REUSE = re.compile(r"^\s+(buf\d+) = (buf\d+)\b")
+_RETURN = re.compile(r"^\s+return \(")
+_SYMBOL_DEF = re.compile(r"^\s+([su]\d+) = ")
+_CALL = re.compile(r"^(\s+)def call\(self, args\):$")
+_BUF = re.compile(r"\bbuf\d+\b")
+_NAME = re.compile(r"\b[A-Za-z_]\w*\b")
+_DTYPE = re.compile(r"\btorch\.\w+")
+_KNOWN = {"empty_strided_cpu", "reinterpret_tensor"}
+_SIZE = re.compile(r"^[su]\d+$")
+
+
+def lookup(cache: dict, make: Callable[..., tuple[Tensor, ...]], sizes: tuple) -> tuple:
+    """The scratch buffers of a call with ``sizes`` on this thread: kept ones, else new."""
+    key = (threading.get_ident(), *sizes)
+    got = cache.get(key)
+    if got is not None:
+        return got
+    got = make(*sizes)
+    bases = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in got}
+    if sum(bases.values()) <= MAX_BYTES:
+        if len(cache) >= KEEP_SIZES:
+            del cache[next(iter(cache))]
+        cache[key] = got
+    return got
+
+
+def keep_scratch(source: str) -> str:
+    """``source`` (a wrapper module) with its ``call``'s scratch buffers kept between calls
+    (see the module docstring); unchanged where it finds no scratch or an unexpected form."""
+    lines = source.split("\n")
+    start = next((k for k, line in enumerate(lines) if _CALL.match(line)), None)
+    if start is None:
+        return source
+    body_indent = len(_CALL.match(lines[start]).group(1)) + 4
+    end = start + 1
+    while end < len(lines) and (not lines[end].strip() or _indent(lines[end]) >= body_indent):
+        end += 1
+    body = range(start + 1, end)
+    returns = [k for k in body if _RETURN.match(lines[k])]
+    if len(returns) != 1:
+        return source
+    escaping = set(_BUF.findall(lines[returns[0]]))
+
+    base: dict[str, str] = {}  # every buffer name -> the allocation it is (a view of)
+    allocs: dict[str, int] = {}  # allocation -> its line
+    aliases: dict[str, int] = {}  # alias -> its line
+    symbols: dict[str, int] = {}  # size symbol -> line of its definition
+    for k in body:
+        line = lines[k]
+        found = _SYMBOL_DEF.match(line)
+        if found:
+            symbols.setdefault(found.group(1), k)
+            continue
+        found = _ALLOC.match(line)
+        if found:
+            name, shape = found.group(2), found.group(3)
+            base[name] = name
+            if len([size for size in shape.split(",") if size.strip()]) <= 1:
+                allocs[name] = k
+            continue
+        found = _ALIAS.match(line)
+        if found and found.group(3) in base:
+            base[found.group(2)] = base[found.group(3)]
+            aliases[found.group(2)] = k
+            continue
+        found = _REUSE.match(line)
+        if found and found.group(2) in base:
+            base[found.group(1)] = base[found.group(2)]
+    # a buffer leaves the call when it, an alias or a reuse of it is returned
+    gone = {base[name] for name in escaping if name in base}
+    kept = {name: k for name, k in allocs.items() if name not in gone}
+    kept_aliases = {name: k for name, k in aliases.items() if base[name] in kept}
+    if not kept:
+        return source
+    chosen = sorted([*kept.values(), *kept_aliases.values()])
+    first = chosen[0]
+    # every size the kept lines use is defined above the first of them
+    sizes: list[str] = []
+    for k in chosen:
+        for word in _NAME.findall(_DTYPE.sub("", lines[k].split("#")[0])):
+            if word in _KNOWN or word in base:
+                continue
+            if not _SIZE.match(word) or symbols.get(word, end) > first:
+                return source
+            if word not in sizes:
+                sizes.append(word)
+    names = [_target(lines[k]) for k in chosen]
+    tag = len(re.findall(r"^def _adamkit_scratch_make_\d+", source, re.M))
+    maker, cache = f"_adamkit_scratch_make_{tag}", f"_adamkit_scratch_cache_{tag}"
+    made = [f"def {maker}({', '.join(sizes)}):"]
+    made += ["    " + lines[k].strip() for k in chosen]
+    made.append(f"    return ({', '.join(names)},)")
+    made.append(f"{cache} = {{}}")
+    indent = " " * body_indent
+    unpack = ", ".join(names)
+    key = ", ".join(sizes) + ("," if len(sizes) == 1 else "")
+    lines[first] = f"{indent}{unpack}, = _adamkit_scratch({cache}, {maker}, ({key}))"
+    for k in chosen[1:]:
+        lines[k] = ""  # (blank: the line numbers of the wrapper's line map stay right)
+    header = "from adamkit.execution.scratch import lookup as _adamkit_scratch"
+    return "\n".join([*lines, header, *made, ""])
+
+
+def _indent(line: str) -> int:
+    return len(line) - len(line.lstrip(" "))
+
+
+def _target(line: str) -> str:
+    return line.strip().split(" = ", 1)[0]
