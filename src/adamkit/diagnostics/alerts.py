@@ -26,7 +26,9 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import asdict, dataclass, fields, replace
-from typing import Any
+from typing import Any, NamedTuple
+
+import numpy as np
 
 from adamkit.diagnostics.signals import RollingStats
 
@@ -124,6 +126,57 @@ class AlertConfig:
         )
 
 
+class TensorTable(NamedTuple):
+    """The per-tensor values the alerts judge, one entry per tensor (NaN where a record has
+    None): what :meth:`AlertEngine.evaluate` reads instead of the record's dicts."""
+
+    names: list[str]
+    updated: np.ndarray  # bool
+    matrix: np.ndarray  # bool: ndim >= 2
+    opt_step: np.ndarray  # the tensor's own step count (NaN: not known, the record's step)
+    eps_frac: np.ndarray
+    ratio: np.ndarray  # log10_update_to_weight
+    large: np.ndarray  # large_update_frac
+    grad_rms: np.ndarray
+    eps: np.ndarray  # its group's eps (for the message)
+    nonfinite: np.ndarray  # [T, 3] counts: grad, state, param
+
+    def index(self) -> dict[str, int]:
+        """name -> row."""
+        return {name: i for i, name in enumerate(self.names)}
+
+    @staticmethod
+    def of_record(record: dict[str, Any]) -> TensorTable:
+        """The table of a record's ``tensors`` dicts (and its groups' eps)."""
+        tensors = record.get("tensors") or {}
+        groups = record.get("groups") or []
+
+        def column(key: str, rows: list[dict[str, Any]]) -> np.ndarray:
+            return np.array([np.nan if t.get(key) is None else t[key] for t in rows], float)
+
+        rows = list(tensors.values())
+        eps = []
+        for t in rows:
+            g = t.get("group")
+            group = groups[g] if g is not None and g < len(groups) else {}
+            eps.append(group.get("eps", 0.0))
+        nonfinite = [
+            [t.get(f"{what}_nonfinite") or 0 for what in ("grad", "state", "param")] for t in rows
+        ]
+        return TensorTable(
+            list(tensors),
+            np.array([bool(t.get("updated")) for t in rows], dtype=bool),
+            np.array([len(t.get("shape", ())) >= 2 for t in rows], dtype=bool),
+            column("opt_step", rows),
+            column("eps_dominated_frac", rows),
+            column("log10_update_to_weight", rows),
+            column("large_update_frac", rows),
+            column("grad_rms", rows),
+            np.array(eps, dtype=float),
+            np.array(nonfinite, dtype=np.int64).reshape(len(rows), 3),
+        )
+
+
 @dataclass
 class _Episode:
     active: bool = False
@@ -142,6 +195,7 @@ class AlertEngine:
         self.config = config
         self.every = every
         self._episodes: dict[tuple[str, str | None], _Episode] = {}
+        self._open: dict[str, set[str]] = {}  # alert name -> tensors with an episode
         self._loss = RollingStats(config.spike_window, config.spike_warmup)
         self._grad = RollingStats(config.spike_window, config.spike_warmup)
 
@@ -150,13 +204,27 @@ class AlertEngine:
     def _judge(
         self, name: str, tensor: str | None, step: int, holds: bool, patience: int = 1
     ) -> bool:
-        """Update the episode of (name, tensor); True when a new alert must be raised."""
-        ep = self._episodes.setdefault((name, tensor), _Episode())
+        """Update the episode of (name, tensor); True when a new alert must be raised.
+
+        An episode neither active nor in a streak is no episode: it is dropped (and a tensor's
+        leaves ``_open``, the tensors :meth:`_check_tensors` must look at whatever holds)."""
+        key = (name, tensor)
+        ep = self._episodes.get(key)
         if not holds:
+            if ep is None:
+                return False
             ep.streak_start = None
             if ep.active and step - ep.last_true >= self.config.cooldown:
                 ep.active = False
+            if not ep.active:
+                del self._episodes[key]
+                if tensor is not None:
+                    self._open[name].discard(tensor)
             return False
+        if ep is None:
+            ep = self._episodes[key] = _Episode()
+            if tensor is not None:
+                self._open.setdefault(name, set()).add(tensor)
         if ep.streak_start is None:
             ep.streak_start = step
         ep.last_true = step
@@ -167,23 +235,28 @@ class AlertEngine:
 
     # -- the checks --------------------------------------------------------------------------
 
-    def evaluate(self, record: dict[str, Any], losses: list[tuple[int, float]] = ()) -> list[Alert]:
-        """Alerts raised by ``record`` and by the ``losses`` observed since the last record."""
+    def evaluate(
+        self,
+        record: dict[str, Any],
+        losses: list[tuple[int, float]] = (),
+        table: TensorTable | None = None,
+    ) -> list[Alert]:
+        """Alerts raised by ``record`` and by the ``losses`` observed since the last record.
+
+        ``table``: the record's tensors as arrays (:class:`TensorTable`), when the caller has
+        them (the Monitor); else they are read from ``record["tensors"]``."""
         c = self.config
         step = record["step"]
         out: list[Alert] = []
         if c.loss_spike is not None or c.nonfinite:
             for loss_step, loss in losses:
                 out.extend(self._check_loss(loss_step, loss))
-        tensors = record.get("tensors", {})
-        groups = record.get("groups", [])
-        for name, t in tensors.items():
-            g = t.get("group")
-            group = groups[g] if g is not None and g < len(groups) else {}
-            out.extend(self._check_tensor(step, name, t, group))
+        if table is None:
+            table = TensorTable.of_record(record)
+        out.extend(self._check_tensors(step, table))
         out.extend(self._check_overall(step, record.get("overall", {})))
         if c.nonfinite:
-            out.extend(self._check_nonfinite(step, tensors, bool(record.get("skipped"))))
+            out.extend(self._check_nonfinite(step, table, bool(record.get("skipped"))))
         return out
 
     def _check_loss(self, step: int, loss: float) -> list[Alert]:
@@ -223,87 +296,99 @@ class AlertEngine:
             self._loss.add(loss)
         return out
 
-    def _check_tensor(
-        self, step: int, name: str, t: dict[str, Any], group: dict[str, Any]
-    ) -> list[Alert]:
+    def _check_tensors(self, step: int, t: TensorTable) -> list[Alert]:
+        """The per-tensor alerts, judged on arrays: a tensor is looked at one by one only where
+        its condition holds or an episode of it is open (in a healthy run: none)."""
         c = self.config
-        out = []
-        if not t.get("updated"):
-            return out
-        matrix = len(t.get("shape", ())) >= 2
-        frac = t.get("eps_dominated_frac")
-        if c.eps_dominated is not None and frac is not None:
-            if self._judge("eps_dominated", name, step, frac > c.eps_dominated):
-                out.append(
-                    Alert(
-                        "eps_dominated",
-                        step,
-                        name,
-                        frac,
-                        c.eps_dominated,
-                        f"{frac:.0%} of the entries that have a gradient have sqrt(v_hat) < "
-                        f"eps={group.get('eps', 0):g} (gradient rms {t['grad_rms']:.2g}): "
-                        "eps, not the gradient, sets the step there, so the update shrinks "
-                        "toward m_hat/eps. Lower eps (1e-10 to 1e-15) or scale the loss up.",
-                    )
-                )
-        ratio = t.get("log10_update_to_weight")
-        if matrix and ratio is not None and math.isfinite(ratio):
-            if c.update_too_large is not None and self._judge(
-                "update_too_large", name, step, ratio > c.update_too_large
-            ):
-                out.append(
-                    Alert(
-                        "update_too_large",
-                        step,
-                        name,
-                        ratio,
-                        c.update_too_large,
-                        f"log10(rms(update)/rms(weight)) = {ratio:.2f} (above "
-                        f"{c.update_too_large:g}; about -3 is healthy): one step changes the "
-                        f"weights by {10**ratio:.0%} of their size. Lower the lr or add warmup.",
-                    )
-                )
-            if c.update_stalled is not None and self._judge(
-                "update_stalled", name, step, ratio < c.update_stalled, c.stalled_patience
-            ):
-                out.append(
-                    Alert(
-                        "update_stalled",
-                        step,
-                        name,
-                        ratio,
-                        c.update_stalled,
-                        f"log10(rms(update)/rms(weight)) = {ratio:.2f} (below "
-                        f"{c.update_stalled:g}; about -3 is healthy): the weights barely move. "
-                        "Check the lr and its schedule, whether eps dominates the denominator "
-                        "and whether this tensor's gradient is tiny.",
-                    )
-                )
-        large = t.get("large_update_frac")
-        if (
-            c.sign_descent is not None
-            and matrix
-            and large is not None
-            and t.get("opt_step", step) > c.warmup
-        ):
-            if self._judge(
-                "sign_descent", name, step, large > c.sign_descent, c.sign_descent_patience
-            ):
-                out.append(
-                    Alert(
-                        "sign_descent",
-                        step,
-                        name,
-                        large,
-                        c.sign_descent,
-                        f"{large:.0%} of the normalised updates have |m_hat/(sqrt(v_hat)+eps)|"
-                        " > 0.5: Adam is doing sign descent (bimodal updates, which Molybog et "
-                        "al. 2023 saw before loss spikes). Raise beta2 if it is low (0.95-0.999),"
-                        " lower the lr, or clip gradients.",
-                    )
-                )
-        return out
+        updated = t.updated
+        on_matrix = updated & t.matrix
+        # (NaN compares False, without a warning)
+        checks = []
+        if c.eps_dominated is not None:
+            judged = updated & ~np.isnan(t.eps_frac)
+            checks.append(("eps_dominated", judged, t.eps_frac > c.eps_dominated, 1))
+        if c.update_too_large is not None or c.update_stalled is not None:
+            finite_ratio = on_matrix & np.isfinite(t.ratio)
+        if c.update_too_large is not None:
+            holds = t.ratio > c.update_too_large
+            checks.append(("update_too_large", finite_ratio, holds, 1))
+        if c.update_stalled is not None:
+            holds = t.ratio < c.update_stalled
+            checks.append(("update_stalled", finite_ratio, holds, c.stalled_patience))
+        if c.sign_descent is not None:
+            late = np.where(np.isnan(t.opt_step), step, t.opt_step) > c.warmup
+            judged = on_matrix & ~np.isnan(t.large) & late
+            holds = t.large > c.sign_descent
+            checks.append(("sign_descent", judged, holds, c.sign_descent_patience))
+        raised = []
+        for order, (name, judged, holds, patience) in enumerate(checks):
+            open_ = self._open.get(name)
+            hits = judged & holds
+            if not open_ and not hits.any():
+                continue
+            look = np.flatnonzero(hits).tolist()
+            if open_:
+                index = t.index()
+                look = sorted({*look, *(index[n] for n in open_ if n in index)})
+            for i in look:
+                if judged[i] and self._judge(name, t.names[i], step, bool(holds[i]), patience):
+                    raised.append((i, order, self._tensor_alert(name, step, t, i)))
+        if not raised:
+            return []
+        return [alert for _, _, alert in sorted(raised, key=lambda x: x[:2])]
+
+    def _tensor_alert(self, name: str, step: int, t: TensorTable, i: int) -> Alert:
+        c = self.config
+        tensor = t.names[i]
+        if name == "eps_dominated":
+            frac = float(t.eps_frac[i])
+            return Alert(
+                name,
+                step,
+                tensor,
+                frac,
+                c.eps_dominated,
+                f"{frac:.0%} of the entries that have a gradient have sqrt(v_hat) < "
+                f"eps={t.eps[i]:g} (gradient rms {t.grad_rms[i]:.2g}): "
+                "eps, not the gradient, sets the step there, so the update shrinks "
+                "toward m_hat/eps. Lower eps (1e-10 to 1e-15) or scale the loss up.",
+            )
+        ratio = float(t.ratio[i])
+        if name == "update_too_large":
+            return Alert(
+                name,
+                step,
+                tensor,
+                ratio,
+                c.update_too_large,
+                f"log10(rms(update)/rms(weight)) = {ratio:.2f} (above "
+                f"{c.update_too_large:g}; about -3 is healthy): one step changes the "
+                f"weights by {10**ratio:.0%} of their size. Lower the lr or add warmup.",
+            )
+        if name == "update_stalled":
+            return Alert(
+                name,
+                step,
+                tensor,
+                ratio,
+                c.update_stalled,
+                f"log10(rms(update)/rms(weight)) = {ratio:.2f} (below "
+                f"{c.update_stalled:g}; about -3 is healthy): the weights barely move. "
+                "Check the lr and its schedule, whether eps dominates the denominator "
+                "and whether this tensor's gradient is tiny.",
+            )
+        large = float(t.large[i])
+        return Alert(
+            name,
+            step,
+            tensor,
+            large,
+            c.sign_descent,
+            f"{large:.0%} of the normalised updates have |m_hat/(sqrt(v_hat)+eps)|"
+            " > 0.5: Adam is doing sign descent (bimodal updates, which Molybog et "
+            "al. 2023 saw before loss spikes). Raise beta2 if it is low (0.95-0.999),"
+            " lower the lr, or clip gradients.",
+        )
 
     def _check_overall(self, step: int, o: dict[str, Any]) -> list[Alert]:
         c = self.config
@@ -350,23 +435,19 @@ class AlertEngine:
             self._grad.add(gn)
         return out
 
-    def _check_nonfinite(self, step: int, tensors: dict[str, Any], skipped: bool) -> list[Alert]:
-        bad = []
-        for name, t in tensors.items():
-            counts = {what: t.get(f"{what}_nonfinite") or 0 for what in ("grad", "state", "param")}
-            if any(counts.values()):
-                bad.append((name, counts))
-        if not self._judge("nonfinite", None, step, bool(bad)):
+    def _check_nonfinite(self, step: int, t: TensorTable, skipped: bool) -> list[Alert]:
+        rows = np.flatnonzero(t.nonfinite.any(axis=1)).tolist()
+        if not self._judge("nonfinite", None, step, bool(rows)):
             return []
-        name, counts = bad[0]
+        counts = dict(zip(("grad", "state", "param"), t.nonfinite[rows[0]].tolist()))
         where = ", ".join(f"{n} in the {what}" for what, n in counts.items() if n)
-        others = [n for n, _ in bad[1:]]
+        others = [t.names[i] for i in rows[1:]]
         also = f" (also in {len(others)} more: {', '.join(others[:4])})" if others else ""
         return [
             Alert(
                 "nonfinite",
                 step,
-                name,
+                t.names[rows[0]],
                 float(sum(counts.values())),
                 0.0,
                 f"NaN/inf entries: {where}{also}. "

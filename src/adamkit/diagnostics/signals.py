@@ -516,15 +516,15 @@ def effective_lrs(b: SampleBatch, root: np.ndarray | None = None) -> tuple[np.nd
     return eff, weight
 
 
-def rows_to_signals(s: dict[str, np.ndarray]) -> dict[str, list[float | None]]:
+def rows_to_arrays(s: dict[str, np.ndarray]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """The update signals of many tensors (or scopes) from their sums (arrays, one entry per
-    tensor), as lists of Python floats; None where undefined: every signal of a tensor that
-    was not updated, the update-to-weight ratio where p0 is zero (or unknown), the lag where
+    tensor), each as (values, defined): not defined are every signal of a tensor that was not
+    updated, the update-to-weight ratio where p0 is zero (or unknown), the lag where
     sum(v_hat) is 0. Fractions of a tensor without active entries are 0."""
     updated = np.asarray(s["updated"]) > 0
     active, param_sq, v_hat_sum = s["active"], s["param_sq"], s["v_hat_sum"]
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        values = {
+        return {
             "update_rms": (np.sqrt(s["update_sq"] / s["updated_numel"]), updated),
             "log10_update_to_weight": (
                 0.5 * np.log10(s["delta_sq"] / param_sq),
@@ -534,9 +534,13 @@ def rows_to_signals(s: dict[str, np.ndarray]) -> dict[str, list[float | None]]:
             "large_update_frac": (np.where(active != 0, s["large"] / active, 0.0), updated),
             "second_moment_lag": (s["lag_grad_sq"] / v_hat_sum, updated & (v_hat_sum != 0)),
         }
+
+
+def rows_to_signals(s: dict[str, np.ndarray]) -> dict[str, list[float | None]]:
+    """:func:`rows_to_arrays` as lists of Python floats, None where not defined."""
     return {
         key: [x if ok else None for x, ok in zip(v.tolist(), mask.tolist())]
-        for key, (v, mask) in values.items()
+        for key, (v, mask) in rows_to_arrays(s).items()
     }
 
 
@@ -665,15 +669,18 @@ class RollingStats:
         self.window = window
         self.warmup = warmup
         self.values: deque[float] = deque(maxlen=window)
+        self._stats: tuple[float, float] | None = None  # of the values as they are now
 
     def ready(self) -> bool:
         return len(self.values) >= self.warmup
 
     def mean_std(self) -> tuple[float, float]:
-        if not self.values:
-            return math.nan, math.nan
-        a = np.fromiter(self.values, dtype=np.float64)
-        return float(a.mean()), float(a.std(ddof=1)) if a.size > 1 else 0.0
+        if self._stats is None:
+            if not self.values:
+                return math.nan, math.nan
+            a = np.fromiter(self.values, dtype=np.float64)
+            self._stats = float(a.mean()), float(a.std(ddof=1)) if a.size > 1 else 0.0
+        return self._stats
 
     def bound(self, threshold: float) -> float:
         """mean + threshold * std (inf before warmup)."""
@@ -689,3 +696,4 @@ class RollingStats:
     def add(self, value: float) -> None:
         if math.isfinite(value):
             self.values.append(float(value))
+            self._stats = None
