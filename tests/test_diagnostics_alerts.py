@@ -238,3 +238,73 @@ def test_alert_objects() -> None:
     assert a.to_dict() == {"name": "grad_spike", "step": 12, "tensor": None, "value": 5.0,
                            "threshold": 2.0, "message": "what it means"}  # fmt: skip
     assert set(ALERT_NAMES) <= set(AlertConfig.__dataclass_fields__)  # each has a threshold
+
+
+def test_alerts_judged_on_arrays_are_those_of_the_records() -> None:
+    """The Monitor judges its per-tensor alerts on arrays (TensorTable); the same records,
+    replayed as dicts through a fresh engine (the path for records from elsewhere), raise
+    the very same alerts, values and messages included: lr 1.0 fires update_too_large on both
+    matrices; sign descent (betas 0) fires sign_descent, then a NaN gradient nonfinite."""
+
+    def inject(step: int, model: nn.Module, opt) -> None:
+        if step == 125:
+            model[0].weight.grad[1, 2] = math.nan
+
+    runs = [digits_run(20, lr=1.0), digits_run(130, betas=(0.0, 0.0), lr=1e-4, grad_hook=inject)]
+    names = set()
+    for monitor, _ in runs:
+        engine = AlertEngine(AlertConfig())
+        replayed = []
+        for rec in monitor.history():
+            replayed += engine.evaluate(rec, [(rec["step"], rec["loss"])])
+        assert replayed == monitor.alerts
+        names |= {a.name for a in monitor.alerts}
+    assert {"update_too_large", "sign_descent", "nonfinite"} <= names
+
+
+def test_records_read_late_or_written_at_once_are_the_same() -> None:
+    """A record's tensors are built when it is read (latest, history) or written to a sink:
+    records read at every step and records read only at the end hold the same values; with
+    keep=4 the last 4 come back, each with its tensors; with tensors=False, none."""
+
+    class Keep:
+        def __init__(self) -> None:
+            self.records = []
+
+        def write(self, record) -> None:
+            self.records.append(dict(record))
+
+        def close(self) -> None:
+            pass
+
+    def run(read: bool = False, **kwargs):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+        opt = adamkit.AdamW(model.parameters(), lr=1e-2)
+        monitor = Monitor(opt, names=model, **kwargs)
+        seen = []
+        for step in range(6):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(X[step * 32 : step * 32 + 32]), Y[:32]).backward()
+            opt.step()
+            if read:
+                seen.append(monitor.latest())
+        return monitor, seen
+
+    sink = Keep()
+    late, _ = run()
+    eager, seen = run(read=True, sinks=[sink])
+    kept, _ = run(keep=4)
+    bare, _ = run(tensors=False)
+    drop = ("time",)
+    for a, b, c in zip(late.history(), eager.history(), sink.records):
+        assert a["tensors"] and set(a["tensors"]) == {"0.weight", "0.bias", "2.weight", "2.bias"}
+        assert {k: v for k, v in a.items() if k not in drop} == {
+            k: v for k, v in b.items() if k not in drop
+        }
+        assert c["tensors"] == b["tensors"]
+    assert seen == eager.history()  # (read as they came: the same dicts)
+    assert [r["step"] for r in kept.history()] == [3, 4, 5, 6]
+    assert all(r["tensors"] == a["tensors"] for r, a in zip(kept.history(), late.history()[2:]))
+    assert all(r["tensors"] == {} for r in bare.history())
+    assert bare.latest()["overall"] == late.latest()["overall"]
