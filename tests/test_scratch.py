@@ -9,7 +9,7 @@ import threading
 import torch
 
 from adamkit.execution import scratch
-from adamkit.execution.scratch import keep_scratch, lookup
+from adamkit.execution.scratch import Scratch, keep_scratch, lookup
 
 WRAPPER = """\
 import torch
@@ -98,14 +98,15 @@ def test_wrappers_it_does_not_understand_are_left_alone() -> None:
 
 def test_lookup_keeps_buffers_per_thread_and_per_size(monkeypatch) -> None:
     """Same thread and sizes: the same buffers; another thread: its own; more than KEEP_SIZES
-    sizes: the oldest dropped; above MAX_BYTES: never kept."""
+    sizes, or more than MAX_BYTES in all: the oldest dropped; one call above MAX_BYTES: never
+    kept."""
     made = []
 
     def make(n):
         made.append(n)
         return (torch.empty(n), torch.empty(2))
 
-    cache: dict = {}
+    cache = Scratch()
     a = lookup(cache, make, (8,))
     assert lookup(cache, make, (8,)) is a and made == [8]
     other = []
@@ -115,9 +116,15 @@ def test_lookup_keeps_buffers_per_thread_and_per_size(monkeypatch) -> None:
     assert other[0] is not a and made == [8, 8]
     for n in range(9, 9 + scratch.KEEP_SIZES):
         lookup(cache, make, (n,))
-    assert len(cache) == scratch.KEEP_SIZES
+    assert len(cache.kept) == scratch.KEEP_SIZES
+    assert cache.bytes == sum(4 * (key[1] + 2) for key in cache.kept)
     assert lookup(cache, make, (8,)) is not a  # evicted, made again
-    monkeypatch.setattr(scratch, "MAX_BYTES", 100)
-    big = {}
-    first = lookup(big, make, (1000,))
-    assert lookup(big, make, (1000,)) is not first and big == {}
+    monkeypatch.setattr(scratch, "MAX_BYTES", 4 * 1002 + 4 * 102)
+    small = Scratch()
+    first = lookup(small, make, (100,))
+    big = lookup(small, make, (1000,))  # fits beside the first
+    assert lookup(small, make, (100,)) is first and lookup(small, make, (1000,)) is big
+    lookup(small, make, (500,))  # the oldest sizes go until it fits
+    assert [key[1:] for key in small.kept] == [(500,)] and small.bytes == 4 * 502
+    huge = lookup(small, make, (5000,))
+    assert lookup(small, make, (5000,)) is not huge and [k[1:] for k in small.kept] == [(500,)]

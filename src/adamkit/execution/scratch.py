@@ -19,11 +19,12 @@ maker (a module-level function appended to the wrapper) holds the original lines
 scratch when it is at most 1-D (row sums, scalars: a small fraction of the params' bytes) and
 neither it nor any alias or reuse of it appears in the ``return`` line; an alias is scratch
 with its base. Buffers are reused only by the thread that made them (two threads calling
-one kernel at once each get their own); a cache keeps the sizes of its last
-:data:`KEEP_SIZES` calls, and buffers above :data:`MAX_BYTES` in all are made per call as
-before. The kernel's values do not change: it writes every scratch element it reads (each
-row's sums are stored before the slot's sums read them), as it did on fresh, uninitialised
-memory.
+one kernel at once each get their own); a wrapper keeps the sizes of its last
+:data:`KEEP_SIZES` calls within :data:`MAX_BYTES` in all (the row sums of a call are 20
+bytes per 1024 params, 0.5% of fp32 params' bytes), and a call's buffers above that are made
+per call as before. The kernel's values do not change: it writes every scratch element it
+reads (each row's sums are stored before the slot's sums read them), as it did on fresh,
+uninitialised memory.
 """
 
 from __future__ import annotations
@@ -34,11 +35,44 @@ from collections.abc import Callable
 
 from torch import Tensor
 
-KEEP_SIZES = 4
-"""Sizes (keys) a wrapper keeps scratch buffers for; the oldest is dropped beyond that."""
+KEEP_SIZES = 16
+"""Sizes (keys) one wrapper keeps scratch buffers for; the oldest are dropped beyond that."""
 
 MAX_BYTES = 64 << 20
-"""Scratch of one call above this many bytes is made per call (not kept)."""
+"""Bytes one wrapper keeps at most, all sizes together: the oldest sizes are dropped beyond
+that, and a call whose scratch alone is larger makes it per call (not kept). (The row sums of
+a signals kernel take 20 bytes per 1024 params: 64 MiB holds those of 3.3G params.)"""
+
+
+class Scratch:
+    """The scratch buffers one wrapper keeps, by (thread, sizes), oldest first."""
+
+    def __init__(self) -> None:
+        self.kept: dict[tuple, tuple[tuple[Tensor, ...], int]] = {}
+        self.bytes = 0
+
+    def get(self, make: Callable[..., tuple[Tensor, ...]], sizes: tuple) -> tuple:
+        """The buffers of a call with ``sizes`` on this thread: kept ones, else new."""
+        key = (threading.get_ident(), *sizes)
+        got = self.kept.get(key)
+        if got is not None:
+            return got[0]
+        made = make(*sizes)
+        storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in made}
+        size = sum(storages.values())
+        if size <= MAX_BYTES:
+            while self.kept and (len(self.kept) >= KEEP_SIZES or self.bytes + size > MAX_BYTES):
+                _, dropped = self.kept.pop(next(iter(self.kept)))
+                self.bytes -= dropped
+            self.kept[key] = (made, size)
+            self.bytes += size
+        return made
+
+
+def lookup(cache: Scratch, make: Callable[..., tuple[Tensor, ...]], sizes: tuple) -> tuple:
+    """``cache.get(make, sizes)``: what the rewritten wrappers call."""
+    return cache.get(make, sizes)
+
 
 _ALLOC = re.compile(r"^(\s+)(buf\d+) = empty_strided_cpu\(\((.*?)\), \((.*?)\), (torch\.\w+)\)$")
 _ALIAS = re.compile(r"^(\s+)(buf\d+) = reinterpret_tensor\((buf\d+), (.*)\)  # alias$")
@@ -51,21 +85,6 @@ _NAME = re.compile(r"\b[A-Za-z_]\w*\b")
 _DTYPE = re.compile(r"\btorch\.\w+")
 _KNOWN = {"empty_strided_cpu", "reinterpret_tensor"}
 _SIZE = re.compile(r"^[su]\d+$")
-
-
-def lookup(cache: dict, make: Callable[..., tuple[Tensor, ...]], sizes: tuple) -> tuple:
-    """The scratch buffers of a call with ``sizes`` on this thread: kept ones, else new."""
-    key = (threading.get_ident(), *sizes)
-    got = cache.get(key)
-    if got is not None:
-        return got
-    got = make(*sizes)
-    bases = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in got}
-    if sum(bases.values()) <= MAX_BYTES:
-        if len(cache) >= KEEP_SIZES:
-            del cache[next(iter(cache))]
-        cache[key] = got
-    return got
 
 
 def keep_scratch(source: str) -> str:
@@ -134,14 +153,17 @@ def keep_scratch(source: str) -> str:
     made = [f"def {maker}({', '.join(sizes)}):"]
     made += ["    " + lines[k].strip() for k in chosen]
     made.append(f"    return ({', '.join(names)},)")
-    made.append(f"{cache} = {{}}")
+    made.append(f"{cache} = _AdamkitScratch()")
     indent = " " * body_indent
     unpack = ", ".join(names)
     key = ", ".join(sizes) + ("," if len(sizes) == 1 else "")
     lines[first] = f"{indent}{unpack}, = _adamkit_scratch({cache}, {maker}, ({key}))"
     for k in chosen[1:]:
         lines[k] = ""  # (blank: the line numbers of the wrapper's line map stay right)
-    header = "from adamkit.execution.scratch import lookup as _adamkit_scratch"
+    header = (
+        "from adamkit.execution.scratch import Scratch as _AdamkitScratch, "
+        "lookup as _adamkit_scratch"
+    )
     return "\n".join([*lines, header, *made, ""])
 
 
