@@ -41,6 +41,7 @@ class Runner:
         buf9 = empty_strided_cpu((5, ), (1, ), torch.float32)
         buf8 = reinterpret_tensor(buf9, (1, ), (1, ), 0)  # alias
         buf4 = empty_strided_cpu((5, ), (1, ), torch.float32)
+        buf6 = empty_strided_cpu((s22, 5), (5, 1), torch.float32)
         kernel(buf4, buf0, buf1, buf2, buf3, buf8)
         del arg0_1
         buf5 = buf9; del buf9  # reuse
@@ -57,15 +58,16 @@ def _load(source: str) -> dict:
 
 
 def test_only_the_small_scratch_buffers_and_their_views_are_kept() -> None:
-    """buf0 (1-d), buf1 and its alias buf2 are made once; buf3 (2-d: a row of codes, as big
-    as the params) is made per call, as are the outputs: buf4 (returned through a view) and
-    buf9 (returned as its reuse buf5) with its alias buf8. The line count is unchanged up to
-    the appended maker, so inductor's line map stays right."""
+    """buf0 (1-d), buf1 and its alias buf2, buf6 (rows of 5: a table of row sums) are made
+    once; buf3 (rows of 256: a row of codes, as big as the params) is made per call, as are
+    the outputs: buf4 (returned through a view) and buf9 (returned as its reuse buf5) with its
+    alias buf8. The line count is unchanged up to the appended maker, so inductor's line map
+    stays right."""
     out = keep_scratch(WRAPPER)
     assert out != WRAPPER
     body = out.split("\n")[: len(WRAPPER.split("\n"))]
     (kept,) = [line for line in body if "_adamkit_scratch(" in line]
-    assert kept.strip().startswith("buf0, buf1, buf2, = _adamkit_scratch(")
+    assert kept.strip().startswith("buf0, buf1, buf2, buf6, = _adamkit_scratch(")
     assert kept.rstrip().endswith("(s22,))")
     for name in ("buf3", "buf4", "buf9", "buf8"):
         assert any(line.strip().startswith(f"{name} = ") for line in body), name
@@ -92,7 +94,7 @@ def test_wrappers_it_does_not_understand_are_left_alone() -> None:
     assert keep_scratch(late) == late
     none = WRAPPER.replace("buf4, buf0, buf1, buf2, buf3, buf8", "buf4")
     none = none.replace("return (reinterpret_tensor(buf4, (1, 5), (5, 1), 0), buf5, )",
-                        "return (buf0, buf1, buf4, buf5, )")  # fmt: skip
+                        "return (buf0, buf1, buf4, buf5, buf6, )")  # fmt: skip
     assert keep_scratch(none) == none
 
 
@@ -128,3 +130,20 @@ def test_lookup_keeps_buffers_per_thread_and_per_size(monkeypatch) -> None:
     assert [key[1:] for key in small.kept] == [(500,)] and small.bytes == 4 * 502
     huge = lookup(small, make, (5000,))
     assert lookup(small, make, (5000,)) is not huge and [k[1:] for k in small.kept] == [(500,)]
+
+
+def test_a_buffer_returned_through_any_expression_is_not_kept() -> None:
+    """A name made of a buffer in any way (a slice here, not an inductor alias) that is
+    returned takes the buffer out of the kept ones, and its aliases with it."""
+    sliced = WRAPPER.replace(
+        "        buf5 = buf9; del buf9  # reuse\n",
+        "        buf5 = buf9; del buf9  # reuse\n        buf7 = buf1[1:3]\n",
+    ).replace("buf5, )", "buf5, buf7, )")
+    out = keep_scratch(sliced)
+    (kept,) = [line for line in out.split("\n") if "_adamkit_scratch(" in line]
+    assert kept.strip().startswith("buf0, buf6, = _adamkit_scratch(")
+    ns = _load(out)
+    first = ns["call"]([torch.zeros(3), 3])
+    second = ns["call"]([torch.zeros(3), 3])
+    assert first[2].data_ptr() != second[2].data_ptr()  # buf1 fresh on every call
+    assert ns["CALLS"][0][1] is ns["CALLS"][1][1]  # buf0 kept

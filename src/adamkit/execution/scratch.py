@@ -16,10 +16,10 @@ per (thread, sizes) and handed back on later calls with the same sizes::
 
 become one line, ``buf0, buf6, ... = _adamkit_scratch(<cache>, <maker>, (s22, ...))``, whose
 maker (a module-level function appended to the wrapper) holds the original lines. A buffer is
-scratch when it is at most 1-D (row sums, scalars: a small fraction of the params' bytes) and
-neither it nor any alias or reuse of it appears in the ``return`` line; an alias is scratch
-with its base. Buffers are reused only by the thread that made them (two threads calling
-one kernel at once each get their own); a wrapper keeps the sizes of its last
+scratch when it is small (at most 1-D, or rows of a few entries: row sums, their [rows, 5]
+table, scalars) and neither it nor anything made of it appears in the ``return`` line; an
+alias is scratch with its base. Buffers are reused only by the thread that made them (two
+threads calling one kernel at once each get their own); a wrapper keeps the sizes of its last
 :data:`KEEP_SIZES` calls within :data:`MAX_BYTES` in all (the row sums of a call are 20
 bytes per 1024 params, 0.5% of fp32 params' bytes), and a call's buffers above that are made
 per call as before. The kernel's values do not change: it writes every scratch element it
@@ -42,6 +42,10 @@ MAX_BYTES = 64 << 20
 """Bytes one wrapper keeps at most, all sizes together: the oldest sizes are dropped beyond
 that, and a call whose scratch alone is larger makes it per call (not kept). (The row sums of
 a signals kernel take 20 bytes per 1024 params: 64 MiB holds those of 3.3G params.)"""
+
+
+ROW_WIDTH = 16
+"""A 2-d (or more) buffer is kept only when its rows hold at most this many entries."""
 
 
 class Scratch:
@@ -76,7 +80,7 @@ def lookup(cache: Scratch, make: Callable[..., tuple[Tensor, ...]], sizes: tuple
 
 _ALLOC = re.compile(r"^(\s+)(buf\d+) = empty_strided_cpu\(\((.*?)\), \((.*?)\), (torch\.\w+)\)$")
 _ALIAS = re.compile(r"^(\s+)(buf\d+) = reinterpret_tensor\((buf\d+), (.*)\)  # alias$")
-_REUSE = re.compile(r"^\s+(buf\d+) = (buf\d+)\b")
+_ASSIGN = re.compile(r"^\s+(buf\d+) = (.*)$")
 _RETURN = re.compile(r"^\s+return \(")
 _SYMBOL_DEF = re.compile(r"^\s+([su]\d+) = ")
 _CALL = re.compile(r"^(\s+)def call\(self, args\):$")
@@ -104,9 +108,9 @@ def keep_scratch(source: str) -> str:
         return source
     escaping = set(_BUF.findall(lines[returns[0]]))
 
-    base: dict[str, str] = {}  # every buffer name -> the allocation it is (a view of)
-    allocs: dict[str, int] = {}  # allocation -> its line
-    aliases: dict[str, int] = {}  # alias -> its line
+    bases: dict[str, set[str]] = {}  # every buffer name -> the allocations it may view
+    allocs: dict[str, int] = {}  # allocation (at most 1-d) -> its line
+    aliases: dict[str, tuple[str, int]] = {}  # alias -> (its allocation, its line)
     symbols: dict[str, int] = {}  # size symbol -> line of its definition
     for k in body:
         line = lines[k]
@@ -117,22 +121,23 @@ def keep_scratch(source: str) -> str:
         found = _ALLOC.match(line)
         if found:
             name, shape = found.group(2), found.group(3)
-            base[name] = name
-            if len([size for size in shape.split(",") if size.strip()]) <= 1:
+            bases[name] = {name}
+            if _small(shape):
                 allocs[name] = k
             continue
         found = _ALIAS.match(line)
-        if found and found.group(3) in base:
-            base[found.group(2)] = base[found.group(3)]
-            aliases[found.group(2)] = k
+        if found and len(bases.get(found.group(3), ())) == 1:
+            bases[found.group(2)] = set(bases[found.group(3)])
+            aliases[found.group(2)] = (next(iter(bases[found.group(3)])), k)
             continue
-        found = _REUSE.match(line)
-        if found and found.group(2) in base:
-            base[found.group(1)] = base[found.group(2)]
-    # a buffer leaves the call when it, an alias or a reuse of it is returned
-    gone = {base[name] for name in escaping if name in base}
+        found = _ASSIGN.match(line)
+        if found:  # a reuse, a view, anything made of buffers: it may be any of them
+            made_of = {b for n in _BUF.findall(found.group(2)) for b in bases.get(n, ())}
+            bases.setdefault(found.group(1), set()).update(made_of)
+    # a buffer leaves the call when it, or anything made of it, is returned
+    gone = {b for name in escaping for b in bases.get(name, ())}
     kept = {name: k for name, k in allocs.items() if name not in gone}
-    kept_aliases = {name: k for name, k in aliases.items() if base[name] in kept}
+    kept_aliases = {name: k for name, (of, k) in aliases.items() if of in kept}
     if not kept:
         return source
     chosen = sorted([*kept.values(), *kept_aliases.values()])
@@ -141,7 +146,7 @@ def keep_scratch(source: str) -> str:
     sizes: list[str] = []
     for k in chosen:
         for word in _NAME.findall(_DTYPE.sub("", lines[k].split("#")[0])):
-            if word in _KNOWN or word in base:
+            if word in _KNOWN or word in bases:
                 continue
             if not _SIZE.match(word) or symbols.get(word, end) > first:
                 return source
@@ -165,6 +170,21 @@ def keep_scratch(source: str) -> str:
         "lookup as _adamkit_scratch"
     )
     return "\n".join([*lines, header, *made, ""])
+
+
+def _small(shape: str) -> bool:
+    """Whether a buffer of ``shape`` (the text of its size tuple) is small next to the params:
+    at most 1-d (row sums, scalars), or rows of at most :data:`ROW_WIDTH` entries, the width a
+    literal (a table of the rows' sums). Not a row of a block's codes (256 entries)."""
+    dims = [d.strip() for d in shape.split(",") if d.strip()]
+    if len(dims) <= 1:
+        return True
+    width = 1
+    for d in dims[1:]:
+        if not d.isdigit():
+            return False
+        width *= int(d)
+    return width <= ROW_WIDTH
 
 
 def _indent(line: str) -> int:
