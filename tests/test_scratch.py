@@ -9,7 +9,7 @@ import threading
 import torch
 
 from adamkit.execution import scratch
-from adamkit.execution.scratch import Scratch, keep_scratch, lookup
+from adamkit.execution.scratch import Scratch, keep_scratch
 
 WRAPPER = """\
 import torch
@@ -66,8 +66,8 @@ def test_only_the_small_scratch_buffers_and_their_views_are_kept() -> None:
     out = keep_scratch(WRAPPER)
     assert out != WRAPPER
     body = out.split("\n")[: len(WRAPPER.split("\n"))]
-    (kept,) = [line for line in body if "_adamkit_scratch(" in line]
-    assert kept.strip().startswith("buf0, buf1, buf2, buf6, = _adamkit_scratch(")
+    (kept,) = [line for line in body if ".get(_adamkit_scratch_make_" in line]
+    assert kept.strip().startswith("buf0, buf1, buf2, buf6, = _adamkit_scratch_cache_0.get(")
     assert kept.rstrip().endswith("(s22,))")
     for name in ("buf3", "buf4", "buf9", "buf8"):
         assert any(line.strip().startswith(f"{name} = ") for line in body), name
@@ -98,7 +98,7 @@ def test_wrappers_it_does_not_understand_are_left_alone() -> None:
     assert keep_scratch(none) == none
 
 
-def test_lookup_keeps_buffers_per_thread_and_per_size(monkeypatch) -> None:
+def test_scratch_keeps_buffers_per_thread_and_per_size(monkeypatch) -> None:
     """Same thread and sizes: the same buffers; another thread: its own; more than KEEP_SIZES
     sizes, or more than MAX_BYTES in all: the oldest dropped; one call above MAX_BYTES: never
     kept."""
@@ -109,27 +109,27 @@ def test_lookup_keeps_buffers_per_thread_and_per_size(monkeypatch) -> None:
         return (torch.empty(n), torch.empty(2))
 
     cache = Scratch()
-    a = lookup(cache, make, (8,))
-    assert lookup(cache, make, (8,)) is a and made == [8]
+    a = cache.get(make, (8,))
+    assert cache.get(make, (8,)) is a and made == [8]
     other = []
-    thread = threading.Thread(target=lambda: other.append(lookup(cache, make, (8,))))
+    thread = threading.Thread(target=lambda: other.append(cache.get(make, (8,))))
     thread.start()
     thread.join()
     assert other[0] is not a and made == [8, 8]
     for n in range(9, 9 + scratch.KEEP_SIZES):
-        lookup(cache, make, (n,))
+        cache.get(make, (n,))
     assert len(cache.kept) == scratch.KEEP_SIZES
     assert cache.bytes == sum(4 * (key[1] + 2) for key in cache.kept)
-    assert lookup(cache, make, (8,)) is not a  # evicted, made again
+    assert cache.get(make, (8,)) is not a  # evicted, made again
     monkeypatch.setattr(scratch, "MAX_BYTES", 4 * 1002 + 4 * 102)
     small = Scratch()
-    first = lookup(small, make, (100,))
-    big = lookup(small, make, (1000,))  # fits beside the first
-    assert lookup(small, make, (100,)) is first and lookup(small, make, (1000,)) is big
-    lookup(small, make, (500,))  # the oldest sizes go until it fits
+    first = small.get(make, (100,))
+    big = small.get(make, (1000,))  # fits beside the first
+    assert small.get(make, (100,)) is first and small.get(make, (1000,)) is big
+    small.get(make, (500,))  # the oldest sizes go until it fits
     assert [key[1:] for key in small.kept] == [(500,)] and small.bytes == 4 * 502
-    huge = lookup(small, make, (5000,))
-    assert lookup(small, make, (5000,)) is not huge and [k[1:] for k in small.kept] == [(500,)]
+    huge = small.get(make, (5000,))
+    assert small.get(make, (5000,)) is not huge and [k[1:] for k in small.kept] == [(500,)]
 
 
 def test_a_buffer_returned_through_any_expression_is_not_kept() -> None:
@@ -140,8 +140,8 @@ def test_a_buffer_returned_through_any_expression_is_not_kept() -> None:
         "        buf5 = buf9; del buf9  # reuse\n        buf7 = buf1[1:3]\n",
     ).replace("buf5, )", "buf5, buf7, )")
     out = keep_scratch(sliced)
-    (kept,) = [line for line in out.split("\n") if "_adamkit_scratch(" in line]
-    assert kept.strip().startswith("buf0, buf6, = _adamkit_scratch(")
+    (kept,) = [line for line in out.split("\n") if ".get(_adamkit_scratch_make_" in line]
+    assert kept.strip().startswith("buf0, buf6, = _adamkit_scratch_cache_0.get(")
     ns = _load(out)
     first = ns["call"]([torch.zeros(3), 3])
     second = ns["call"]([torch.zeros(3), 3])

@@ -195,7 +195,6 @@ class AlertEngine:
         self.config = config
         self.every = every
         self._episodes: dict[tuple[str, str | None], _Episode] = {}
-        self._open: dict[str, set[str]] = {}  # alert name -> tensors with an episode
         self._loss = RollingStats(config.spike_window, config.spike_warmup)
         self._grad = RollingStats(config.spike_window, config.spike_warmup)
 
@@ -206,8 +205,8 @@ class AlertEngine:
     ) -> bool:
         """Update the episode of (name, tensor); True when a new alert must be raised.
 
-        An episode neither active nor in a streak is no episode: it is dropped (and a tensor's
-        leaves ``_open``, the tensors :meth:`_check_tensors` must look at whatever holds)."""
+        An episode neither active nor in a streak is no episode: it is dropped, so that the
+        episodes kept are the few :meth:`_check_tensors` must look at whatever holds."""
         key = (name, tensor)
         ep = self._episodes.get(key)
         if not holds:
@@ -218,13 +217,9 @@ class AlertEngine:
                 ep.active = False
             if not ep.active:
                 del self._episodes[key]
-                if tensor is not None:
-                    self._open[name].discard(tensor)
             return False
         if ep is None:
             ep = self._episodes[key] = _Episode()
-            if tensor is not None:
-                self._open.setdefault(name, set()).add(tensor)
         if ep.streak_start is None:
             ep.streak_start = step
         ep.last_true = step
@@ -322,7 +317,7 @@ class AlertEngine:
             checks.append(("sign_descent", judged, holds, c.sign_descent_patience))
         raised = []
         for order, (name, judged, holds, patience) in enumerate(checks):
-            open_ = self._open.get(name)
+            open_ = [t for n, t in self._episodes if n == name and t is not None]
             hits = judged & holds
             if not open_ and not hits.any():
                 continue

@@ -712,7 +712,7 @@ class Monitor:
             nonfinite,
         )
         tensors = _TensorRows(
-            rows, updated, steps_after, sums, grad_rms, signals, quantiles, nonfinite
+            rows, has_state, updated, steps_after, sums, grad_rms, signals, quantiles, nonfinite
         )
 
         # the scopes' sums are the members' sums (one product), their signals one call
@@ -828,6 +828,7 @@ class _TensorRows:
     def __init__(
         self,
         rows: list[_Row],
+        has_state: np.ndarray,
         updated: np.ndarray,
         steps_after: np.ndarray,
         sums: dict[str, np.ndarray],
@@ -837,7 +838,7 @@ class _TensorRows:
         nonfinite: np.ndarray,
     ) -> None:
         self.entries = [row.entry for row in rows]
-        self.has_state = [row.has_state for row in rows]
+        self.has_state = has_state
         self.updated = updated
         self.steps_after = steps_after
         self.norms = (sums["grad_sq"], sums["m_sq"], sums["v_sq"])
@@ -848,7 +849,7 @@ class _TensorRows:
 
     def build(self) -> dict[str, dict[str, Any]]:
         grad_sq, m_sq, v_sq = self.norms
-        has_state = np.array(self.has_state, dtype=bool)
+        has_state = self.has_state
         quantiles = self.quantiles
         columns = {
             "grad_norm": np.sqrt(grad_sq).tolist(),
@@ -866,7 +867,11 @@ class _TensorRows:
         opt_step = self.steps_after.astype(np.int64).tolist()
         tensors: dict[str, dict[str, Any]] = {}
         for e, stateful, moved, step, values in zip(
-            self.entries, self.has_state, self.updated.tolist(), opt_step, zip(*columns.values())
+            self.entries,
+            has_state.tolist(),
+            self.updated.tolist(),
+            opt_step,
+            zip(*columns.values()),
         ):
             rec: dict[str, Any] = {
                 "group": e.group,

@@ -108,7 +108,7 @@ def measure(
         params: params with ``.grad`` set (default :func:`transformer_like_params`).
         every: the sampling periods to measure.
         steps: steps per timed run (a multiple of every ``every`` keeps the ratio exact).
-        repeats: interleaved timed runs per configuration; the fastest is kept.
+        repeats: interleaved timed runs per configuration (the ratios are medians over them).
         warmup: untimed steps per configuration before the first timed run.
         monitor_kwargs: extra arguments for the Monitor (names, alerts...; default: none,
             so alerts are evaluated as in a default Monitor).

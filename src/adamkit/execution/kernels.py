@@ -568,7 +568,8 @@ CODEGEN_PATCHES = (
     "fused (runs of them), row values shared, sums of squares by fmadd, row temporaries of "
     "the kernel's own nodes on the stack, block maxima of magnitudes as int32 maxima, "
     "signal wrappers keep their scratch buffers (a Scratch per wrapper; any derived name "
-    "that is returned keeps its buffers out; tables of rows of <= 16 kept)"
+    "that is returned keeps its buffers out; tables of rows of <= 16 kept; Scratch.get "
+    "called in the wrapper)"
 )
 """Names the changes this module makes to inductor's C++ code generation while it compiles
 (:func:`_copies_follow_lowp_tiling`, :func:`_vector_bitcasts`, :func:`_vector_aranges`,

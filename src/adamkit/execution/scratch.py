@@ -14,7 +14,7 @@ per (thread, sizes) and handed back on later calls with the same sizes::
     buf0 = empty_strided_cpu((s22, ), (1, ), torch.float32)
     buf6 = reinterpret_tensor(buf11, (1, ), (1, ), 0)  # alias
 
-become one line, ``buf0, buf6, ... = _adamkit_scratch(<cache>, <maker>, (s22, ...))``, whose
+become one line, ``buf0, buf6, ... = <cache>.get(<maker>, (s22, ...))``, whose
 maker (a module-level function appended to the wrapper) holds the original lines. A buffer is
 scratch when it is small (at most 1-D, or rows of a few entries: row sums, their [rows, 5]
 table, scalars) and neither it nor anything made of it appears in the ``return`` line; an
@@ -71,11 +71,6 @@ class Scratch:
             self.kept[key] = (made, size)
             self.bytes += size
         return made
-
-
-def lookup(cache: Scratch, make: Callable[..., tuple[Tensor, ...]], sizes: tuple) -> tuple:
-    """``cache.get(make, sizes)``: what the rewritten wrappers call."""
-    return cache.get(make, sizes)
 
 
 _ALLOC = re.compile(r"^(\s+)(buf\d+) = empty_strided_cpu\(\((.*?)\), \((.*?)\), (torch\.\w+)\)$")
@@ -162,13 +157,10 @@ def keep_scratch(source: str) -> str:
     indent = " " * body_indent
     unpack = ", ".join(names)
     key = ", ".join(sizes) + ("," if len(sizes) == 1 else "")
-    lines[first] = f"{indent}{unpack}, = _adamkit_scratch({cache}, {maker}, ({key}))"
+    lines[first] = f"{indent}{unpack}, = {cache}.get({maker}, ({key}))"
     for k in chosen[1:]:
         lines[k] = ""  # (blank: the line numbers of the wrapper's line map stay right)
-    header = (
-        "from adamkit.execution.scratch import Scratch as _AdamkitScratch, "
-        "lookup as _adamkit_scratch"
-    )
+    header = "from adamkit.execution.scratch import Scratch as _AdamkitScratch"
     return "\n".join([*lines, header, *made, ""])
 
 
