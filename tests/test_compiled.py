@@ -654,6 +654,53 @@ def test_shared_row_values_row_temporaries_and_integer_maxima_change_no_bit(monk
                 assert torch.equal(value, ref.state[q][key]), (p.shape, key)
 
 
+def test_truncated_bf16_conversions_change_no_bit(monkeypatch) -> None:
+    """With kernels.TRUNCATE_EXACT_BF16 (adamkit.execution.truncation: stochastic rounding's
+    fp32 -> bf16 conversions written as truncations) the bf16 moments and the bf16 params
+    written with stochastic rounding are those of the kernels without it, bit for bit, over
+    steps whose values span many binades (and a tail that is not a whole vector), and the pass
+    did apply."""
+    from adamkit.execution.truncation import MACRO
+
+    def run():
+        shapes = [(40, 77), (3, 1000)]
+        ps = _model(shapes)
+        sr = [p.detach().to(torch.bfloat16).requires_grad_() for p in _model(shapes, seed=1)]
+        opt = adamkit.AdamW(
+            [{"params": ps, "state_dtype": "bfloat16"}, {"params": sr}],
+            lr=1e-2,
+            weight_decay=0.1,
+            backend="compiled",
+            stochastic_rounding=True,
+        )
+        for step in range(4):
+            gen = torch.Generator().manual_seed(100 + step)
+            for p in ps + sr:
+                grad = torch.randn(p.shape, generator=gen) * 10.0 ** (3 * step - 6)
+                p.grad = grad.to(p.dtype)
+            opt.step()
+        assert all(plan.eager == [] for plan in opt._executor._plans.values())
+        return ps + sr, opt
+
+    runs, applied = _variants(
+        monkeypatch,
+        [{"TRUNCATE_EXACT_BF16": True}, {"TRUNCATE_EXACT_BF16": False}],
+        {"truncate_exact_bf16": lambda out, src: MACRO + "(" in out},
+        run,
+    )
+    assert applied == {"truncate_exact_bf16": True}
+    (ps, opt), (ref_ps, ref) = runs
+    for p, q in zip(ps, ref_ps):
+        assert torch.equal(p.detach().view(torch.int16), q.detach().view(torch.int16))
+        for key in ("exp_avg", "exp_avg_sq"):
+            a, b = opt.state[p][key], ref.state[q][key]
+            if a.dtype == torch.bfloat16:
+                assert torch.equal(a.view(torch.int16), b.view(torch.int16)), (p.shape, key)
+            else:
+                assert torch.equal(a, b), (p.shape, key)
+    assert opt.state[ps[0]]["exp_avg"].dtype == torch.bfloat16
+
+
 def test_signal_kernels_follow_fused_signals() -> None:
     """fused_signals: False never hands sums over (the Monitor measures itself), "auto" does
     once the kernels exist in the process (their compile already paid), True does; anything

@@ -43,6 +43,7 @@ from adamkit.execution.merging import merge_sum_loops
 from adamkit.execution.multi_tensor import moment_keys
 from adamkit.execution.scratch import keep_scratch
 from adamkit.execution.sharing import share_row_values
+from adamkit.execution.truncation import truncate_exact_bf16
 from adamkit.rule import StepScalars, UpdateFlags, adam_update, step_scalars
 from adamkit.storage.rounding import ShardKey
 
@@ -569,7 +570,7 @@ CODEGEN_PATCHES = (
     "the kernel's own nodes on the stack, block maxima of magnitudes as int32 maxima, "
     "signal wrappers keep their scratch buffers (a Scratch per wrapper; any derived name "
     "that is returned keeps its buffers out; tables of rows of <= 16 kept; Scratch.get "
-    "called in the wrapper)"
+    "called in the wrapper), exact bf16 conversions truncated"
 )
 """Names the changes this module makes to inductor's C++ code generation while it compiles
 (:func:`_copies_follow_lowp_tiling`, :func:`_vector_bitcasts`, :func:`_vector_aranges`,
@@ -604,6 +605,7 @@ def _codegen_marker(device: torch.device):
     shared = "" if SHARE_ROW_VALUES else "; row values not shared"
     shared += "" if LOCALIZE_ROW_TEMPS else "; row temporaries not local"
     shared += "" if KEEP_SCRATCH else "; scratch not kept"
+    shared += "" if TRUNCATE_EXACT_BF16 else "; bf16 conversions not truncated"
     key = f"{CODEGEN_PATCHES}; {mode}{merged}{shared}"
 
     class CodegenPatches(CustomGraphPass):
@@ -740,7 +742,7 @@ def _prefetched_loads():
 
 
 def _rewritten_source():
-    """While compiling a kernel: seven passes over the C++ source inductor writes.
+    """While compiling a kernel: eight passes over the C++ source inductor writes.
 
     - :func:`adamkit.execution.hoisting.hoist_invariants` moves the loop-invariant lines of
       innermost row loops (a block's scale, the step's scalars and what derives from them
@@ -761,7 +763,10 @@ def _rewritten_source():
       of unpacked codes between them stays on the stack
       (:func:`adamkit.execution.localizing.localize_row_temps`);
     - :func:`adamkit.execution.barriers.drop_barriers` gives ``nowait`` to the worksharing
-      loops that no later loop of the region can race with.
+      loops that no later loop of the region can race with;
+    - :func:`adamkit.execution.truncation.truncate_exact_bf16` (with
+      :data:`TRUNCATE_EXACT_BF16`) writes the fp32 -> bf16 conversions of values whose low half
+      is provably zero (stochastic rounding's results) as truncations.
 
     Same values either way (the sums of squares: to float32 rounding). Without inductor's
     method (another torch version) nothing changes."""
@@ -785,6 +790,8 @@ def _rewritten_source():
                     nodes = args[0] if args else kwargs.get("nodes", ())
                     source = localize_row_temps(source, _temporaries(buffers, nodes))
             source = drop_barriers(source)
+            if TRUNCATE_EXACT_BF16:
+                source = truncate_exact_bf16(source)
             return original(self, source, *args, **kwargs)
 
         return define_kernel
@@ -842,6 +849,11 @@ timings switch it off)."""
 LOCALIZE_ROW_TEMPS = True
 """Whether :func:`_rewritten_source` keeps a row's temporaries on the stack
 (:mod:`adamkit.execution.localizing`; tests and A/B timings switch it off)."""
+
+TRUNCATE_EXACT_BF16 = True
+"""Whether :func:`_rewritten_source` writes the fp32 -> bf16 conversions of values whose low
+half is zero (stochastic rounding's results) as truncations (:mod:`adamkit.execution.truncation`;
+tests and A/B timings switch it off)."""
 
 
 def _temporaries(buffers: dict[str, str], nodes: Any) -> Callable[[str], bool]:

@@ -178,14 +178,19 @@ def round_stochastic(x: Tensor, dtype: torch.dtype, u: Tensor) -> Tensor:
     bfloat16 is fp32 with the low 16 bits dropped, so there it is integer arithmetic on the
     bits: add ``floor(u * 2^16)`` to the low half and truncate. The value moves away from zero
     (to the next bf16 in magnitude) with probability (low half) / 2^16: the same unbiased
-    rounding in a few vector instructions.
+    rounding in a few vector instructions. At or past the largest finite bf16 (and for inf and
+    NaN) no noise is added: a finite value there truncates toward zero, to the largest finite
+    bf16, and never becomes inf; a NaN keeps its sign and the high bits of its payload (a NaN
+    that arithmetic made always has the top one, the quiet bit).
     """
     if dtype == torch.bfloat16 and x.dtype == torch.float32:
         bits = x.view(torch.int32)
-        rounded = ((bits + noise_bits(u.view(x.shape), 16)) & -65536).view(torch.float32)
-        # at or past the largest finite bf16 (and inf, NaN): round to nearest instead, so that
-        # a finite value never rounds up to inf (a float compare: vectorises, isinf does not)
-        return torch.where(x.abs() < _BF16_MAX, rounded, x).to(dtype)
+        # at or past the largest finite bf16 (and inf, NaN): no noise, so that a finite value
+        # never rounds up to inf (a float compare: vectorises, isinf does not)
+        noise = torch.where(x.abs() < _BF16_MAX, noise_bits(u.view(x.shape), 16), 0)
+        # every low half is now zero: the conversion below is exact, and compiled kernels
+        # make it a truncation (adamkit.execution.truncation)
+        return ((bits + noise) & -65536).view(torch.float32).to(dtype)
     nearest = x.to(dtype)
     near32 = nearest.to(x.dtype)
     toward = torch.where(near32 < x, torch.full_like(nearest, float("inf")), -torch.inf)
