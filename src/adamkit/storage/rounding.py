@@ -180,8 +180,10 @@ def round_stochastic(x: Tensor, dtype: torch.dtype, u: Tensor) -> Tensor:
     (to the next bf16 in magnitude) with probability (low half) / 2^16: the same unbiased
     rounding in a few vector instructions. At or past the largest finite bf16 (and for inf and
     NaN) no noise is added: a finite value there truncates toward zero, to the largest finite
-    bf16, and never becomes inf; a NaN keeps its sign and the high bits of its payload (a NaN
-    that arithmetic made always has the top one, the quiet bit).
+    bf16, and never becomes inf; a NaN keeps its sign and the high bits of its payload. (A NaN
+    stays NaN when it is quiet, as every NaN that arithmetic makes is: the quiet bit is among
+    the high ones. A signalling NaN built bit by bit with a payload in the low half only would
+    truncate to inf; the optimizers only ever round results of arithmetic.)
     """
     if dtype == torch.bfloat16 and x.dtype == torch.float32:
         bits = x.view(torch.int32)
