@@ -701,6 +701,37 @@ def test_truncated_bf16_conversions_change_no_bit(monkeypatch) -> None:
     assert opt.state[ps[0]]["exp_avg"].dtype == torch.bfloat16
 
 
+def test_constant_byte_shifts_change_no_bit(monkeypatch) -> None:
+    """With kernels.CONSTANT_BYTE_SHIFTS (adamkit.execution.byteshift: the int4 codes' packing
+    shift as a 16-bit shift and a mask) the params, codes and scales are those of the kernels
+    without it, bit for bit, and the pass did apply."""
+    from adamkit.execution.byteshift import MACRO
+
+    def run():
+        ps = _model([(40, 512), (3, 300)])
+        opt = adamkit.AdamW(ps, lr=1e-2, weight_decay=0.1, backend="compiled", state_dtype="int4")
+        for step in range(3):
+            _set_grads(ps, step)
+            opt.step()
+        assert all(plan.eager == [] for plan in opt._executor._plans.values())
+        return ps, opt
+
+    runs, applied = _variants(
+        monkeypatch,
+        [{"CONSTANT_BYTE_SHIFTS": True}, {"CONSTANT_BYTE_SHIFTS": False}],
+        {"constant_byte_shifts": lambda out, src: MACRO + "(" in out},
+        run,
+    )
+    assert applied == {"constant_byte_shifts": True}
+    (ps, opt), (ref_ps, ref) = runs
+    assert opt.state[ps[0]]["exp_avg_int4_codes"].dtype == torch.uint8
+    for p, q in zip(ps, ref_ps):
+        assert torch.equal(p, q), p.shape
+        stored = [key for key, value in opt.state[p].items() if isinstance(value, torch.Tensor)]
+        for key in stored:
+            assert torch.equal(opt.state[p][key], ref.state[q][key]), (p.shape, key)
+
+
 def test_signal_kernels_follow_fused_signals() -> None:
     """fused_signals: False never hands sums over (the Monitor measures itself), "auto" does
     once the kernels exist in the process (their compile already paid), True does; anything

@@ -59,6 +59,20 @@ def enclosing_block(lines: list[str], line: int) -> int:
     return -1
 
 
+def definition(lines: list[str], name: str, at: int) -> str | None:
+    """The right-hand side of the definition of ``name`` in scope at line ``at``, if any."""
+    prefix = f"auto {name} = "
+    for k in range(at - 1, -1, -1):
+        text = lines[k].strip()
+        if not text.startswith(prefix) or not text.endswith(";"):
+            continue
+        opened = enclosing_block(lines, k)
+        closed = block_end(lines, opened) if opened >= 0 else len(lines)
+        if closed is not None and opened < at <= closed:
+            return text[len(prefix) : -1]
+    return None
+
+
 def parenthesised(text: str, at: int) -> str | None:
     """The balanced ``(...)`` starting at ``text[at]`` (None: no such group)."""
     if at >= len(text) or text[at] != "(":

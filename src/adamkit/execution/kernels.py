@@ -34,6 +34,7 @@ from torch import Tensor
 
 from adamkit.diagnostics.signals import norm_sums
 from adamkit.execution.barriers import drop_barriers, fuse_row_loops
+from adamkit.execution.byteshift import constant_byte_shifts
 from adamkit.execution.contraction import contract_sums
 from adamkit.execution.eager import write_param_
 from adamkit.execution.hoisting import hoist_invariants
@@ -570,7 +571,8 @@ CODEGEN_PATCHES = (
     "the kernel's own nodes on the stack, block maxima of magnitudes as int32 maxima, "
     "signal wrappers keep their scratch buffers (a Scratch per wrapper; any derived name "
     "that is returned keeps its buffers out; tables of rows of <= 16 kept; Scratch.get "
-    "called in the wrapper), exact bf16 conversions truncated"
+    "called in the wrapper), exact bf16 conversions truncated, byte shifts by a constant "
+    "as 16-bit shifts"
 )
 """Names the changes this module makes to inductor's C++ code generation while it compiles
 (:func:`_copies_follow_lowp_tiling`, :func:`_vector_bitcasts`, :func:`_vector_aranges`,
@@ -606,6 +608,7 @@ def _codegen_marker(device: torch.device):
     shared += "" if LOCALIZE_ROW_TEMPS else "; row temporaries not local"
     shared += "" if KEEP_SCRATCH else "; scratch not kept"
     shared += "" if TRUNCATE_EXACT_BF16 else "; bf16 conversions not truncated"
+    shared += "" if CONSTANT_BYTE_SHIFTS else "; byte shifts emulated"
     key = f"{CODEGEN_PATCHES}; {mode}{merged}{shared}"
 
     class CodegenPatches(CustomGraphPass):
@@ -742,7 +745,7 @@ def _prefetched_loads():
 
 
 def _rewritten_source():
-    """While compiling a kernel: eight passes over the C++ source inductor writes.
+    """While compiling a kernel: nine passes over the C++ source inductor writes.
 
     - :func:`adamkit.execution.hoisting.hoist_invariants` moves the loop-invariant lines of
       innermost row loops (a block's scale, the step's scalars and what derives from them
@@ -766,7 +769,10 @@ def _rewritten_source():
       loops that no later loop of the region can race with;
     - :func:`adamkit.execution.truncation.truncate_exact_bf16` (with
       :data:`TRUNCATE_EXACT_BF16`) writes the fp32 -> bf16 conversions of values whose low half
-      is provably zero (stochastic rounding's results) as truncations.
+      is provably zero (stochastic rounding's results) as truncations;
+    - :func:`adamkit.execution.byteshift.constant_byte_shifts` (with
+      :data:`CONSTANT_BYTE_SHIFTS`) writes shifts of byte vectors by a constant (int4 packing)
+      as a 16-bit shift and a mask.
 
     Same values either way (the sums of squares: to float32 rounding). Without inductor's
     method (another torch version) nothing changes."""
@@ -792,6 +798,8 @@ def _rewritten_source():
             source = drop_barriers(source)
             if TRUNCATE_EXACT_BF16:
                 source = truncate_exact_bf16(source)
+            if CONSTANT_BYTE_SHIFTS:
+                source = constant_byte_shifts(source)
             return original(self, source, *args, **kwargs)
 
         return define_kernel
@@ -826,6 +834,11 @@ def _python_wrapper():
 KEEP_SCRATCH = True
 """Whether signals kernels keep their scratch buffers between calls (:func:`_kept_scratch`;
 tests and A/B timings switch it off)."""
+
+CONSTANT_BYTE_SHIFTS = True
+"""Whether :func:`_rewritten_source` writes the shifts of byte vectors by a constant (the int4
+codes' packing) as 16-bit shifts and a mask (:mod:`adamkit.execution.byteshift`; tests and A/B
+timings switch it off)."""
 
 MERGE_SUM_LOOPS = True
 """Whether :func:`_rewritten_source` merges a signals kernel's sums loops into its update loops

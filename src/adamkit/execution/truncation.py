@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import re
 
-from adamkit.execution.cpp_source import block_end, enclosing_block
+from adamkit.execution.cpp_source import definition
 
 _CONVERT = re.compile(
     r"^(\s*)auto ((?:s?tmp)\d+) = at::vec::convert<at::BFloat16,1,float,2>\(((?:s?tmp)\d+)\);$"
@@ -79,36 +79,22 @@ def truncate_exact_bf16(source: str) -> str:
     return PRELUDE + "\n" + "\n".join(lines)
 
 
-def _definition(lines: list[str], name: str, at: int) -> str | None:
-    """The right-hand side of the definition of ``name`` in scope at line ``at``, if any."""
-    prefix = f"auto {name} = "
-    for k in range(at - 1, -1, -1):
-        text = lines[k].strip()
-        if not text.startswith(prefix) or not text.endswith(";"):
-            continue
-        opened = enclosing_block(lines, k)
-        closed = block_end(lines, opened) if opened >= 0 else len(lines)
-        if closed is not None and opened < at <= closed:
-            return text[len(prefix) : -1]
-    return None
-
-
 def _low_half_cleared(lines: list[str], operand: str, at: int) -> bool:
     """Whether ``operand`` is an int32 pair ``x & broadcast(-65536)`` seen as floats."""
-    as_float = _definition(lines, operand, at)
+    as_float = definition(lines, operand, at)
     bits = _AS_FLOAT.match(as_float or "")
     if bits is None:
         return False
-    masked = _AND.match(_definition(lines, bits.group(1), at) or "")
+    masked = _AND.match(definition(lines, bits.group(1), at) or "")
     if masked is None:
         return False
     for side in masked.groups():
-        broadcast = _BROADCAST.match(_definition(lines, side, at) or "")
+        broadcast = _BROADCAST.match(definition(lines, side, at) or "")
         if broadcast is None:
             continue
         value = broadcast.group(1)
         if value != _LOW_HALF_CLEARED:
-            value = _definition(lines, value, at) if re.fullmatch(r"s?tmp\d+", value) else None
+            value = definition(lines, value, at) if re.fullmatch(r"s?tmp\d+", value) else None
         if value == _LOW_HALF_CLEARED:
             return True
     return False
