@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import re
 
-from adamkit.execution.cpp_source import definition
+from adamkit.execution.cpp_source import definition, guarded_rewrite
 
 _SHIFT = re.compile(r"^(\s*)auto ((?:s?tmp)\d+) = ((?:s?tmp)\d+) (<<|>>) ((?:s?tmp)\d+);$")
 _BROADCAST = re.compile(r"^at::vec::Vectorized<uint8_t>\((.+)\)$")
@@ -44,30 +44,20 @@ def constant_byte_shifts(source: str) -> str:
     written as a 16-bit shift and a byte mask (see the module docstring)."""
     if "Vectorized<uint8_t>" not in source:
         return source
-    lines = source.split("\n")
-    changed = False
-    for k, line in enumerate(lines):
-        found = _SHIFT.match(line)
-        if found is None:
-            continue
-        pad, name, value, op, count = found.groups()
-        bits = _count(lines, count, k)
-        if bits is None:
-            continue
-        direction, mask = ("slli", (0xFF << bits) & 0xFF) if op == "<<" else ("srli", 0xFF >> bits)
-        lines[k] = "\n".join(
-            [
-                f"#if defined({MACRO})",
-                f"{pad}auto {name} = {MACRO}({value}, {direction}, {bits}, {mask:#04x});",
-                "#else",
-                line,
-                "#endif",
-            ]
-        )
-        changed = True
-    if not changed:
-        return source
-    return PRELUDE + "\n" + "\n".join(lines)
+    return guarded_rewrite(source, MACRO, PRELUDE, _shift)
+
+
+def _shift(lines: list[str], k: int) -> str | None:
+    """Line ``k`` as a 16-bit shift and a mask, when it shifts bytes by a literal count."""
+    found = _SHIFT.match(lines[k])
+    if found is None:
+        return None
+    pad, name, value, op, count = found.groups()
+    bits = _count(lines, count, k)
+    if bits is None:
+        return None
+    direction, mask = ("slli", (0xFF << bits) & 0xFF) if op == "<<" else ("srli", 0xFF >> bits)
+    return f"{pad}auto {name} = {MACRO}({value}, {direction}, {bits}, {mask:#04x});"
 
 
 def _count(lines: list[str], name: str, at: int) -> int | None:

@@ -10,6 +10,7 @@ loads and stores at an index, blocks, and the shape of an innermost vector loop.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 
 POINTER = re.compile(r"\b(?:in_out|in|out)_ptr\d+\b")
 """A kernel argument: ``in_ptr3``, ``out_ptr9``, ``in_out_ptr0``."""
@@ -71,6 +72,23 @@ def definition(lines: list[str], name: str, at: int) -> str | None:
         if closed is not None and opened < at <= closed:
             return text[len(prefix) : -1]
     return None
+
+
+def guarded_rewrite(
+    source: str, macro: str, prelude: str, rewrite: Callable[[list[str], int], str | None]
+) -> str:
+    """``source`` with each line ``k`` for which ``rewrite(lines, k)`` gives a new line put
+    behind ``#if defined(macro)`` (the old line kept under ``#else``), and ``prelude`` (which
+    defines ``macro`` where it can) in front; unchanged when no line is rewritten."""
+    lines = source.split("\n")
+    changed = False
+    for k, line in enumerate(lines):
+        new = rewrite(lines, k)
+        if new is None:
+            continue
+        lines[k] = "\n".join([f"#if defined({macro})", new, "#else", line, "#endif"])
+        changed = True
+    return prelude + "\n" + "\n".join(lines) if changed else source
 
 
 def parenthesised(text: str, at: int) -> str | None:

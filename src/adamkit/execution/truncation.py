@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import re
 
-from adamkit.execution.cpp_source import definition
+from adamkit.execution.cpp_source import definition, guarded_rewrite
 
 _CONVERT = re.compile(
     r"^(\s*)auto ((?:s?tmp)\d+) = at::vec::convert<at::BFloat16,1,float,2>\(((?:s?tmp)\d+)\);$"
@@ -57,26 +57,16 @@ def truncate_exact_bf16(source: str) -> str:
     provably zero written as a truncation (see the module docstring)."""
     if "at::vec::convert<at::BFloat16,1,float,2>" not in source:
         return source
-    lines = source.split("\n")
-    changed = False
-    for k, line in enumerate(lines):
-        found = _CONVERT.match(line)
-        if found is None or not _low_half_cleared(lines, found.group(3), k):
-            continue
-        pad, name, operand = found.groups()
-        lines[k] = "\n".join(
-            [
-                f"#if defined({MACRO})",
-                f"{pad}auto {name} = {MACRO}({operand}[0], {operand}[1]);",
-                "#else",
-                line,
-                "#endif",
-            ]
-        )
-        changed = True
-    if not changed:
-        return source
-    return PRELUDE + "\n" + "\n".join(lines)
+    return guarded_rewrite(source, MACRO, PRELUDE, _truncation)
+
+
+def _truncation(lines: list[str], k: int) -> str | None:
+    """Line ``k`` as a truncation, when it converts a value with its low half cleared."""
+    found = _CONVERT.match(lines[k])
+    if found is None or not _low_half_cleared(lines, found.group(3), k):
+        return None
+    pad, name, operand = found.groups()
+    return f"{pad}auto {name} = {MACRO}({operand}[0], {operand}[1]);"
 
 
 def _low_half_cleared(lines: list[str], operand: str, at: int) -> bool:
