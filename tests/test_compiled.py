@@ -706,11 +706,15 @@ def test_truncated_bf16_conversions_change_no_bit(monkeypatch) -> None:
     assert ps[-1].dtype == torch.bfloat16
 
 
-def test_constant_byte_shifts_change_no_bit(monkeypatch) -> None:
+def test_byte_shifts_and_integer_reductions_change_no_bit(monkeypatch) -> None:
     """With kernels.CONSTANT_BYTE_SHIFTS (adamkit.execution.byteshift: the int4 codes' packing
-    shift as a 16-bit shift and a mask) the params, codes and scales are those of the kernels
-    without it, bit for bit, and the pass did apply."""
+    shift as a 16-bit shift and a mask) and kernels.INTEGER_REDUCTIONS (adamkit.execution.maxima:
+    the block maxima reduced across lanes as int32 maxima of their bit patterns) the params,
+    codes and scales are those of the kernels without them, bit for bit, and both passes did
+    apply. A NaN in a gradient then makes its block's scales NaN either way, and no other
+    block's scale changes."""
     from adamkit.execution.byteshift import MACRO
+    from adamkit.execution.maxima import MACRO as MAX_MACRO
 
     def run():
         ps = _model([(40, 512), (3, 300)])
@@ -719,18 +723,39 @@ def test_constant_byte_shifts_change_no_bit(monkeypatch) -> None:
             _set_grads(ps, step)
             opt.step()
         assert all(plan.eager == [] for plan in opt._executor._plans.values())
-        return ps, opt
+        finite = [p.detach().clone() for p in ps]
+        finite_state = [{k: v.clone() for k, v in opt.state[p].items()} for p in ps]
+        _set_grads(ps, 3)
+        ps[0].grad[7, 300] = float("nan")  # element 3884, block 3884 // 256 = 15
+        opt.step()
+        scales = {k: opt.state[ps[0]][k].clone() for k in ("exp_avg_absmax", "exp_avg_sq_absmax")}
+        for p, before, state in zip(ps, finite, finite_state, strict=True):
+            p.data.copy_(before)
+            opt.state[p].update(state)
+        return ps, opt, scales
 
     runs, applied = _variants(
         monkeypatch,
-        [{"CONSTANT_BYTE_SHIFTS": True}, {"CONSTANT_BYTE_SHIFTS": False}],
-        {"constant_byte_shifts": lambda out, src: MACRO + "(" in out},
+        [
+            {"CONSTANT_BYTE_SHIFTS": True, "INTEGER_REDUCTIONS": True},
+            {"CONSTANT_BYTE_SHIFTS": False, "INTEGER_REDUCTIONS": False},
+        ],
+        {
+            "constant_byte_shifts": lambda out, src: MACRO + "(" in out,
+            "integer_reductions": lambda out, src: MAX_MACRO + "(" in out,
+        },
         run,
     )
-    assert applied == {"constant_byte_shifts": True}
-    _assert_same_bits(*runs)
-    ps, opt = runs[0]
+    assert applied == {"constant_byte_shifts": True, "integer_reductions": True}
+    _assert_same_bits(runs[0][:2], runs[1][:2])
+    ps, opt, scales = runs[0]
     assert opt.state[ps[0]]["exp_avg_int4_codes"].dtype == torch.uint8
+    others = torch.arange(scales["exp_avg_absmax"].numel()) != 15
+    for key, scale in scales.items():
+        ref = runs[1][2][key]
+        assert scale[15].isnan() and ref[15].isnan(), key
+        assert torch.equal(_bits(scale[others]), _bits(ref[others])), key
+        assert scale[others].isfinite().all(), key
 
 
 def test_signal_kernels_follow_fused_signals() -> None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 from cpp_loops import vector_loop
 
-from adamkit.execution.maxima import integer_maxima
+from adamkit.execution.maxima import MACRO, PRELUDE, integer_maxima, integer_reductions
 
 IDX = "static_cast<int64_t>(x1 + 256L*x0)"
 HEADER = "for(int64_t x1=static_cast<int64_t>(0L); x1<static_cast<int64_t>(256L); x1+=static_cast<int64_t>(16L))"
@@ -23,8 +23,13 @@ BODY = [
 ]
 
 
-def _source(body: list[str], declarations: list[str]) -> str:
-    return "\n".join([*declarations, *vector_loop(HEADER, LIKELY, body)])
+def _reduce(k: int) -> str:
+    """The horizontal maximum inductor writes after a loop (accumulator ``tmp_acc{k}``)."""
+    return f"tmp_acc{k} = max_propagate_nan(tmp_acc{k}, at::vec::vec_reduce_all<float, 1>([](at::vec::Vectorized<float>& x, at::vec::Vectorized<float>& y) {{ return at::vec::maximum(x, y); }}, tmp_acc{k}_vec));"
+
+
+def _source(body: list[str], declarations: list[str], after: tuple[str, ...] = ()) -> str:
+    return "\n".join([*declarations, *vector_loop(HEADER, LIKELY, body), *after])
 
 
 def _integer(acc: str, value: str) -> str:
@@ -88,3 +93,63 @@ def test_bit_patterns_of_magnitudes_order_as_the_floats_and_nan_wins() -> None:
         with_nan = row.copy()
         with_nan[rng.integers(16)] = nans[rng.integers(3)]
         assert np.isnan(np.max(with_nan.view(np.int32)).view(np.float32))
+
+
+def _reduced(k: int) -> str:
+    return f"tmp_acc{k} = max_propagate_nan(tmp_acc{k}, {MACRO}(tmp_acc{k}_vec));"
+
+
+def test_reductions_of_integer_maxima_become_integer_reductions() -> None:
+    """After integer_maxima, the horizontal maximum of each accumulator it rewrote is written
+    behind the macro's guard (the float reduction kept under #else), and the prelude that
+    defines the macro comes first; an accumulator with a float maximum among its updates
+    keeps its float reduction."""
+    declarations = [MINUS_INF.format(k=0), MINUS_INF.format(k=1)]
+    after = (_reduce(0), _reduce(1))
+    out = integer_reductions(integer_maxima(_source(BODY, declarations, after)))
+    assert out.startswith(PRELUDE + "\n")
+    lines = out[len(PRELUDE) + 1 :].split("\n")
+    for k in (0, 1):
+        at = lines.index(_reduced(k))
+        assert lines[at - 1 : at + 4] == [
+            f"#if defined({MACRO})",
+            _reduced(k),
+            "#else",
+            _reduce(k),
+            "#endif",
+        ]
+    # acc1 also takes a float maximum of a product: its reduction stays a float one
+    mixed = [*BODY, "tmp_acc1_vec = at::vec::maximum(tmp_acc1_vec, tmp1);"]
+    out = integer_reductions(integer_maxima(_source(mixed, declarations, after)))
+    assert _reduced(0) in out.split("\n") and _reduced(1) not in out.split("\n")
+    assert out.split("\n")[-1] == _reduce(1)
+
+
+def test_reductions_left_alone() -> None:
+    """No integer maxima (integer_maxima not run, or nothing it rewrites), an accumulator
+    that does not start at -inf, or one that is never updated: the source is unchanged."""
+    after = (_reduce(0),)
+    plain = _source(BODY, [MINUS_INF.format(k=0)], after)
+    assert integer_reductions(plain) == plain
+    zero = ["at::vec::Vectorized<float> tmp_acc0_vec = at::vec::Vectorized<float>(0);"]
+    source = integer_maxima(_source(BODY, zero, after))
+    assert integer_reductions(source) == source
+    idle = "\n".join(
+        [MINUS_INF.format(k=0), MINUS_INF.format(k=1), *vector_loop(HEADER, LIKELY, BODY[:4])]
+    )
+    source = integer_maxima(_source(BODY[:5], [MINUS_INF.format(k=1)], ())) + "\n" + idle
+    source += "\n" + _reduce(1)
+    assert integer_reductions(source) == source
+
+
+def test_the_largest_bit_pattern_is_the_maximum_or_a_nan() -> None:
+    """What the reduction relies on: across 16 lanes of magnitudes' bit patterns, or -inf's,
+    the largest int32 read back as a float is the float maximum (a NaN when a lane holds one)."""
+    rng = np.random.default_rng(1)
+    lanes = np.abs(rng.standard_normal((500, 16)).astype(np.float32)) * np.float32(1e-3)
+    lanes[:50] = -np.inf  # accumulators that saw no value
+    lanes[50:100, 3] = np.inf
+    lanes[100:150, rng.integers(16)] = np.float32("nan")
+    largest = lanes.view(np.int32).max(axis=1).view(np.float32)
+    expected = np.where(np.isnan(lanes).any(axis=1), np.nan, np.nanmax(lanes, axis=1))
+    np.testing.assert_array_equal(largest, expected)

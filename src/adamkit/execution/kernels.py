@@ -39,7 +39,7 @@ from adamkit.execution.contraction import contract_sums
 from adamkit.execution.eager import write_param_
 from adamkit.execution.hoisting import hoist_invariants
 from adamkit.execution.localizing import hoist_row_loops, localize_row_temps
-from adamkit.execution.maxima import integer_maxima
+from adamkit.execution.maxima import integer_maxima, integer_reductions
 from adamkit.execution.merging import merge_sum_loops
 from adamkit.execution.multi_tensor import moment_keys
 from adamkit.execution.scratch import keep_scratch
@@ -572,7 +572,7 @@ CODEGEN_PATCHES = (
     "signal wrappers keep their scratch buffers (a Scratch per wrapper; any derived name "
     "that is returned keeps its buffers out; tables of rows of <= 16 kept; Scratch.get "
     "called in the wrapper), exact bf16 conversions truncated, byte shifts by a constant "
-    "as 16-bit shifts"
+    "as 16-bit shifts, block maxima reduced as int32 maxima"
 )
 """Names the changes this module makes to inductor's C++ code generation while it compiles
 (:func:`_copies_follow_lowp_tiling`, :func:`_vector_bitcasts`, :func:`_vector_aranges`,
@@ -609,6 +609,7 @@ def _codegen_marker(device: torch.device):
     shared += "" if KEEP_SCRATCH else "; scratch not kept"
     shared += "" if TRUNCATE_EXACT_BF16 else "; bf16 conversions not truncated"
     shared += "" if CONSTANT_BYTE_SHIFTS else "; byte shifts emulated"
+    shared += "" if INTEGER_REDUCTIONS else "; maxima reduced as floats"
     key = f"{CODEGEN_PATCHES}; {mode}{merged}{shared}"
 
     class CodegenPatches(CustomGraphPass):
@@ -756,7 +757,9 @@ def _rewritten_source():
     - :func:`adamkit.execution.contraction.contract_sums` (with :data:`CONTRACT_SUMS`)
       accumulates its sums of squares with fused multiply-adds;
     - :func:`adamkit.execution.maxima.integer_maxima` (with :data:`INTEGER_MAXIMA`) takes a
-      block-wise kernel's block maxima of magnitudes over their int32 bit patterns;
+      block-wise kernel's block maxima of magnitudes over their int32 bit patterns, and
+      :func:`~adamkit.execution.maxima.integer_reductions` (with :data:`INTEGER_REDUCTIONS`)
+      reduces them across the vector's lanes the same way;
     - with :data:`SHARE_ROW_VALUES`, :func:`adamkit.execution.barriers.fuse_row_loops` runs a
       block-wise kernel's scale pass and main loop under one loop over rows, and
       :func:`adamkit.execution.sharing.share_row_values` keeps the new moments the scale pass
@@ -788,6 +791,8 @@ def _rewritten_source():
                 source = contract_sums(source)
             if INTEGER_MAXIMA:
                 source = integer_maxima(source)
+                if INTEGER_REDUCTIONS:
+                    source = integer_reductions(source)
             if SHARE_ROW_VALUES:
                 if LOCALIZE_ROW_TEMPS:
                     source = hoist_row_loops(source, buffers)
@@ -851,6 +856,11 @@ multiply-adds (:mod:`adamkit.execution.contraction`; tests and A/B timings switc
 INTEGER_MAXIMA = True
 """Whether :func:`_rewritten_source` takes the block maxima of magnitudes as integer maxima of
 their bit patterns (:mod:`adamkit.execution.maxima`; tests and A/B timings switch it off)."""
+
+INTEGER_REDUCTIONS = True
+"""Whether :func:`_rewritten_source` also reduces those block maxima across a vector's lanes as
+integer maxima (:func:`adamkit.execution.maxima.integer_reductions`; tests and A/B timings
+switch it off)."""
 
 SHARE_ROW_VALUES = True
 """Whether :func:`_rewritten_source` fuses a block-wise kernel's scale pass and main loop under
