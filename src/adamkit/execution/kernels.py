@@ -572,7 +572,7 @@ CODEGEN_PATCHES = (
     "signal wrappers keep their scratch buffers (a Scratch per wrapper; any derived name "
     "that is returned keeps its buffers out; tables of rows of <= 16 kept; Scratch.get "
     "called in the wrapper), exact bf16 conversions truncated, byte shifts by a constant "
-    "as 16-bit shifts, block maxima reduced as int32 maxima, a row's prefetches issued once"
+    "as 16-bit shifts, block maxima reduced as int32 maxima"
 )
 """Names the changes this module makes to inductor's C++ code generation while it compiles
 (:func:`_copies_follow_lowp_tiling`, :func:`_vector_bitcasts`, :func:`_vector_aranges`,
