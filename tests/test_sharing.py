@@ -97,35 +97,6 @@ def test_the_new_moment_of_the_scale_pass_is_kept_for_the_main_loop():
     ] == kept
 
 
-def _prefetched(line: str, pointer: str) -> str:
-    """A load line of ``pointer`` with the prefetch inductor's loads get here in front."""
-    load = line[line.index("= ") + 2 : -1]
-    name = line[len("auto ") : line.index(" =")]
-    return f"auto {name} = (__builtin_prefetch({pointer} + {IDX} + 1024, 0, 3), {load});"
-
-
-def test_the_main_loop_drops_the_prefetches_the_scale_pass_issued():
-    """With ``prefetched``, a main-loop load whose prefetch (pointer, index, distance) the
-    scale pass already issued loads without it; a prefetch of another address stays, and
-    without ``prefetched`` every prefetch stays."""
-    scale = [_prefetched(SCALE_BODY[0], "in_ptr1"), *SCALE_BODY[1:]]
-    main = [
-        _prefetched(MAIN_BODY[0], "out_ptr6"),  # in_ptr2's buffer, but another pointer: kept
-        _prefetched(MAIN_BODY[1], "in_ptr1"),  # issued by the scale pass: dropped
-        *MAIN_BODY[2:],
-    ]
-    source = _row(scale_body=scale, main_body=main)
-    out = stripped_lines(share_row_values(source, ALIASES, prefetched=True))
-    assert _prefetched(MAIN_BODY[0], "out_ptr6") in out
-    assert MAIN_BODY[1] in out and _prefetched(MAIN_BODY[1], "in_ptr1") not in out
-    assert out.count(_prefetched(SCALE_BODY[0], "in_ptr1")) == 1
-    unchanged = stripped_lines(share_row_values(source, ALIASES))
-    assert [line for line in out if line != MAIN_BODY[1]] == [
-        line for line in unchanged if line != _prefetched(MAIN_BODY[1], "in_ptr1")
-    ]
-    assert sum("__builtin_prefetch" in line for line in unchanged) == 3
-
-
 def test_values_that_may_differ_between_the_loops_are_computed_again():
     cases = {
         # the moment's scale is the one the scale pass writes: another value in each loop

@@ -610,7 +610,6 @@ def _codegen_marker(device: torch.device):
     shared += "" if TRUNCATE_EXACT_BF16 else "; bf16 conversions not truncated"
     shared += "" if CONSTANT_BYTE_SHIFTS else "; byte shifts emulated"
     shared += "" if INTEGER_REDUCTIONS else "; maxima reduced as floats"
-    shared += "" if DROP_REPEATED_PREFETCHES else "; prefetches repeated"
     key = f"{CODEGEN_PATCHES}; {mode}{merged}{shared}"
 
     class CodegenPatches(CustomGraphPass):
@@ -797,7 +796,7 @@ def _rewritten_source():
             if SHARE_ROW_VALUES:
                 if LOCALIZE_ROW_TEMPS:
                     source = hoist_row_loops(source, buffers)
-                source = share_row_values(fuse_row_loops(source), buffers, DROP_REPEATED_PREFETCHES)
+                source = share_row_values(fuse_row_loops(source), buffers)
                 if LOCALIZE_ROW_TEMPS:
                     nodes = args[0] if args else kwargs.get("nodes", ())
                     source = localize_row_temps(source, _temporaries(buffers, nodes))
@@ -869,10 +868,6 @@ one loop over rows (:func:`adamkit.execution.barriers.fuse_row_loops`) and lets 
 load the new moments the scale pass computed (:mod:`adamkit.execution.sharing`; tests and A/B
 timings switch it off)."""
 
-DROP_REPEATED_PREFETCHES = True
-"""Whether the main loop of a row whose values are shared (:data:`SHARE_ROW_VALUES`) leaves out
-the prefetches the row's scale pass issued for the same addresses (tests and A/B timings
-switch it off)."""
 
 LOCALIZE_ROW_TEMPS = True
 """Whether :func:`_rewritten_source` keeps a row's temporaries on the stack

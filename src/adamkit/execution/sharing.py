@@ -23,10 +23,7 @@ A value is shared only when all of this holds:
   float vectors of the loops' step.
 
 Anything else stays as inductor wrote it; the compiler drops what the second loop no longer
-uses, except the prefetches of its loads (a side effect). With ``prefetched`` the second loop's
-loads also leave out a prefetch the first loop issued for the same address: the scale pass
-prefetched the row's grad and codes a few rows ahead already (measured on 20M int8 params,
-2 threads, paired: -0.17 ms median of five runs, -0.72 to +0.09; int4 -0.10, -0.47 to +0.31). The values are the same bit for bit (the same operations on the same inputs). Measured
+uses. The values are the same bit for bit (the same operations on the same inputs). Measured
 on this project's 2-thread machine (A/B in one process, torch.optim.AdamW fused alongside):
 int8 on 52M params in 33 tensors 24.7 -> 18.7 ms with the loops fused and the moments shared
 (fused alone: 21.6), int4 32.3 -> 26.5 ms (inductor already ran its two loops under one), int8
@@ -64,10 +61,9 @@ _STORE = re.compile(r"\.store\(((?:in_out|in|out)_ptr\d+) ")
 _SCALAR_STORE = re.compile(r"^\s*((?:in_out|in|out)_ptr\d+)\[[^\]]*\] = ")
 
 
-def share_row_values(source: str, aliases: dict[str, str], prefetched: bool = False) -> str:
+def share_row_values(source: str, aliases: dict[str, str]) -> str:
     """``source`` with the values of qualifying second loops taken from their first loops
-    (see the module docstring); unchanged without ``aliases``. With ``prefetched``, a load of
-    the second loop also drops a prefetch that the first loop issued for the same address."""
+    (see the module docstring); unchanged without ``aliases``."""
     if not aliases or "abuf" in source:
         return source
     lines = source.split("\n")
@@ -109,29 +105,12 @@ def share_row_values(source: str, aliases: dict[str, str], prefetched: bool = Fa
                 f"at::vec::Vectorized<float>::loadu({at}, static_cast<int64_t>({step}));"
             ]
         edits[scope] = [lines[scope], *decls]
-        if prefetched:
-            _drop_repeated_prefetches(lines, first, second, edits)
     if not edits:
         return source
     out: list[str] = []
     for k, line in enumerate(lines):
         out.extend(edits.get(k, [line]))
     return "\n".join(out)
-
-
-_PREFETCH_OF = re.compile(r"__builtin_prefetch\((.+?), 0, 3\)")
-
-
-def _drop_repeated_prefetches(
-    lines: list[str], first: InnermostLoop, second: InnermostLoop, edits: dict[int, list[str]]
-) -> None:
-    """Edit the loads of ``second`` whose prefetch ``first`` issued for the same address (the
-    same text: same pointer, same index, same distance ahead) to load without it."""
-    issued = {m.group(1) for line in first.body for m in _PREFETCH_OF.finditer(line)}
-    for j in range(second.at + 5, second.end - 2):
-        wanted = [m.group(1) for m in _PREFETCH_OF.finditer(lines[j])]
-        if j not in edits and wanted and all(w in issued for w in wanted):
-            edits[j] = [no_prefetch(lines[j])]
 
 
 def _next_loop(lines: list[str], first: InnermostLoop) -> InnermostLoop | None:
