@@ -32,6 +32,19 @@ def rows_by_candidate(payload: dict) -> dict[str, dict]:
     return {r["candidate"]: r for r in payload["results"]}
 
 
+def test_rounds_vary_who_steps_after_whom():
+    order = T.rounds(4, 60)
+    assert len(order) == 60 and T.rounds(4, 60) == order  # seeded
+    assert all(sorted(r) == [0, 1, 2, 3] for r in order)  # each candidate once a round
+    # over the rounds (read as one sequence of steps) every candidate steps right after each
+    # of the others, and takes each place in a round
+    steps = [k for r in order for k in r]
+    follows = {(a, b) for a, b in zip(steps, steps[1:])}
+    assert {(a, b) for a in range(4) for b in range(4) if a != b} <= follows
+    assert all({r[place] for r in order} == {0, 1, 2, 3} for place in range(4))
+    assert T.rounds(1, 3) == [[0], [0], [0]]
+
+
 def test_parser_accepts_state_dtypes_and_anchors():
     args = T.parser().parse_args(["--state-dtype", "bfloat16, int8,int4", "--anchors", "bnb"])
     assert args.state_dtype == ("bfloat16", "int8", "int4")

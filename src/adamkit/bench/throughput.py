@@ -11,7 +11,9 @@ same gradients, ``optimizer.step()`` of adamkit.AdamW with each backend and of
 Each candidate gets its own params and state (the grads are shared: Adam only reads them). The
 first step is timed on its own (it holds the compile of the compiled backend); then every
 candidate runs ``--warmup`` steps and ``--repeats`` rounds of one step each, the candidates
-interleaved within a round so that load from other processes hits all of them alike. Reported:
+interleaved within a round so that load from other processes hits all of them alike, their
+order drawn afresh each round (:func:`rounds`) so that none always follows the same one.
+Reported:
 the median step time as Gparam/s (1e9 params per second), its ratio to torch fused and to torch
 foreach, the first-step time, and the kernels compiled while the candidate ran (count and
 seconds). A JSON file keeps everything, with the machine and the command.
@@ -40,6 +42,7 @@ import argparse
 import json
 import os
 import platform
+import random
 import sys
 import time
 from collections import Counter
@@ -261,12 +264,25 @@ def run_layout(
             continue
         runs.append((cand, result))
         log(f"  {layout}: {name} ready (first step {result.first_step_s:.2f} s)")
-    for _ in range(repeats):
-        for cand, result in runs:
+    for order in rounds(len(runs), repeats):
+        for k in order:
+            cand, result = runs[k]
             result.step_s.append(cand.step(sync))
     for cand, result in runs:
         cand.describe(result)
     return results
+
+
+def rounds(candidates: int, repeats: int, seed: int = 0) -> list[list[int]]:
+    """The order of the candidates in each timed round: every candidate once a round, in an
+    order drawn afresh each round (seeded: the same for the same arguments).
+
+    A step's time depends on the step before it: on this project's VM an int4 step on 50M
+    params read about 0.8 ms (3%) slower right after torch's fused step than right after
+    another adamkit step (docs/benchmarks.md, session 21). A fixed order, rotated or not,
+    gives each candidate the same predecessor every round and tilts its ratio."""
+    draw = random.Random(seed)
+    return [draw.sample(range(candidates), candidates) for _ in range(repeats)]
 
 
 def machine() -> dict[str, Any]:
