@@ -182,3 +182,38 @@ def test_loops_that_are_not_row_local_or_not_alike_stay_apart():
         _kernel(SCALES, MAIN).replace("#pragma omp parallel", "// serial"),
     ):
         assert fuse_row_loops(source) == source
+
+
+def _other_tensor(loop: str) -> str:
+    """``loop`` over another tensor's rows (other buffers, the same row count)."""
+    for old, new in (("in_ptr0", "in_ptr4"), ("out_ptr0", "out_ptr4"), ("out_ptr1", "out_ptr5")):
+        loop = loop.replace(old, new)
+    return loop
+
+
+def test_a_long_run_is_cut_before_the_next_tensors_scale_pass(monkeypatch):
+    """Past FUSED_LINES lines a run of fusable loops starts a new fused loop at the next loop
+    that holds a reduction (the next tensor's scale pass), never between a tensor's scale pass
+    and its main loop; without a limit the four loops fuse into one."""
+    from adamkit.execution import barriers
+
+    source = _kernel(SCALES, MAIN, _other_tensor(SCALES), _other_tensor(MAIN))
+    first, second = (
+        _bodies(_kernel(SCALES, MAIN)),
+        _bodies(_kernel(_other_tensor(SCALES), _other_tensor(MAIN))),
+    )
+    monkeypatch.setattr(barriers, "FUSED_LINES", None)
+    assert _bodies(fuse_row_loops(source)) == [
+        ["{", *first[0], "}", "{", *first[1], "}", "{", *second[0], "}", "{", *second[1], "}"]
+    ]
+    for limit in (1, 20):  # the loops are 9 to 10 lines: each tensor alone past 20
+        monkeypatch.setattr(barriers, "FUSED_LINES", limit)
+        out = fuse_row_loops(source)
+        assert _bodies(out) == [
+            ["{", *first[0], "}", "{", *first[1], "}"],
+            ["{", *second[0], "}", "{", *second[1], "}"],
+        ]
+        # the two fused loops share no buffer: the first needs no barrier after it
+        assert "nowait" in _pragmas(drop_barriers(out))[0]
+    monkeypatch.setattr(barriers, "FUSED_LINES", 1000)
+    assert len(_bodies(fuse_row_loops(source))) == 1

@@ -277,11 +277,23 @@ def _independent(earlier: Loop, later: Loop) -> bool:
     return True
 
 
+FUSED_LINES = 300
+"""Lines of C++ past which :func:`fuse_row_loops` starts a new fused loop at the next loop that
+holds a reduction (in a block-wise kernel: the scale pass of the next tensor's rows); None: no
+limit.
+
+A chunk of equal tensors (2000 of 64x256) had all 16 tensors' loops fused into one loop over
+rows, whose body was about 70 KB of machine code (int4; 49 KB for int8). That is more than the
+core's 32 KB instruction cache, so the code was fetched again for every row. With one tensor's
+loops per fused loop (about 330 lines for int8), paired on 2000 tensors: int8 -5.7 ms of 38
+a step, int4 -8.1 of 54 (docs/benchmarks.md, session 21)."""
+
+
 def fuse_row_loops(source: str) -> str:
     """``source`` with each run of adjacent worksharing loops over the same rows that
     :func:`drop_barriers` finds independent, pair by pair, made one loop whose body runs the
     first loop's row, then the second loop's, and so on (each in a block of its own: inductor
-    reuses names)."""
+    reuses names); a run longer than :data:`FUSED_LINES` is cut where a reduction starts."""
     lines = source.split("\n")
     out: list[str] = []
     k = 0
@@ -310,6 +322,8 @@ def _fused_region(lines: list[str], start: int, end: int) -> list[str] | None:
         while run[-1] + 1 < len(blocks) and all(
             _fusable(blocks[m][2], blocks[run[-1] + 1][2]) for m in run
         ):
+            if _starts_group(lines, blocks, run):
+                break
             run.append(run[-1] + 1)
         parts = [loop_parts(lines, blocks[m][0], blocks[m][1]) for m in run]
         if len(run) > 1 and all(part is not None for part in parts):
@@ -325,6 +339,16 @@ def _fused_region(lines: list[str], start: int, end: int) -> list[str] | None:
         out += lines[first : close + 1]
         j += 1
     return out if changed else None
+
+
+def _starts_group(lines: list[str], blocks: list[tuple], run: list[int]) -> bool:
+    """Whether the loop after ``run`` (of two loops or more) should open a fused loop of its
+    own: it holds a reduction and the run with it would exceed :data:`FUSED_LINES` lines."""
+    if FUSED_LINES is None or len(run) < 2:  # a tensor's scale pass and main loop stay one
+        return False
+    first, close, _ = blocks[run[-1] + 1]
+    size = sum(blocks[m][1] - blocks[m][0] + 1 for m in run) + close - first + 1
+    return size > FUSED_LINES and any("tmp_acc" in lines[k] for k in range(first, close + 1))
 
 
 def _fusable(first: Loop | None, second: Loop | None) -> bool:

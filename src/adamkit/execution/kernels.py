@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 
 from adamkit.diagnostics.signals import norm_sums
+from adamkit.execution import barriers
 from adamkit.execution.barriers import drop_barriers, fuse_row_loops
 from adamkit.execution.byteshift import constant_byte_shifts
 from adamkit.execution.contraction import contract_sums
@@ -572,7 +573,7 @@ CODEGEN_PATCHES = (
     "signal wrappers keep their scratch buffers (a Scratch per wrapper; any derived name "
     "that is returned keeps its buffers out; tables of rows of <= 16 kept; Scratch.get "
     "called in the wrapper), exact bf16 conversions truncated, byte shifts by a constant "
-    "as 16-bit shifts, block maxima reduced as int32 maxima"
+    "as 16-bit shifts, block maxima reduced as int32 maxima, fused row loops cut per tensor"
 )
 """Names the changes this module makes to inductor's C++ code generation while it compiles
 (:func:`_copies_follow_lowp_tiling`, :func:`_vector_bitcasts`, :func:`_vector_aranges`,
@@ -610,6 +611,7 @@ def _codegen_marker(device: torch.device):
     shared += "" if TRUNCATE_EXACT_BF16 else "; bf16 conversions not truncated"
     shared += "" if CONSTANT_BYTE_SHIFTS else "; byte shifts emulated"
     shared += "" if INTEGER_REDUCTIONS else "; maxima reduced as floats"
+    shared += f"; runs cut past {barriers.FUSED_LINES} lines"
     key = f"{CODEGEN_PATCHES}; {mode}{merged}{shared}"
 
     class CodegenPatches(CustomGraphPass):
