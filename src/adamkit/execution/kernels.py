@@ -763,7 +763,8 @@ def _rewritten_source():
       :func:`~adamkit.execution.maxima.integer_reductions` (with :data:`INTEGER_REDUCTIONS`)
       reduces them across the vector's lanes the same way;
     - with :data:`SHARE_ROW_VALUES`, :func:`adamkit.execution.barriers.fuse_row_loops` runs a
-      block-wise kernel's scale pass and main loop under one loop over rows, and
+      block-wise kernel's scale pass and main loop under one loop over rows (a chunk's
+      tensors about one to such a loop: ``barriers.FUSED_LINES``), and
       :func:`adamkit.execution.sharing.share_row_values` keeps the new moments the scale pass
       computed for the main loop (a row buffer in L1 instead of decoding them again); with
       :data:`LOCALIZE_ROW_TEMPS` too, the int4 pack loop first moves up behind the main loop

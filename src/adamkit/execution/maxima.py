@@ -42,17 +42,26 @@ _MAXIMUM = re.compile(r"^(\s*)(tmp_acc\d+_vec) = at::vec::maximum\(\2, ((?:s?tmp
 _NEG_INF = "(-std::numeric_limits<float>::infinity())"
 
 
-def _starts_at_minus_inf(lines: list[str], accumulator: str, before: int) -> bool:
-    """Whether the latest declaration of ``accumulator`` above line ``before`` is a float
-    vector set to -inf."""
+def _updates_since_minus_inf(lines: list[str], accumulator: str, before: int) -> list[str] | None:
+    """The lines (stripped) that set ``accumulator`` between its latest declaration above line
+    ``before`` and that line, when the declaration makes it a float vector of -inf; else None."""
     declaration = f"at::vec::Vectorized<float> {accumulator} = "
+    updates: list[str] = []
     for k in range(before - 1, -1, -1):
         line = lines[k].strip()
         if line.startswith(declaration):
-            return line == f"{declaration}at::vec::Vectorized<float>{_NEG_INF};"
-        if f" {accumulator} = " in f" {line}" and not _MAXIMUM.match(lines[k]):
-            return False  # set another way in between
-    return False
+            start = f"{declaration}at::vec::Vectorized<float>{_NEG_INF};"
+            return updates if line == start else None
+        if f" {accumulator} = " in f" {line}":
+            updates.append(line)
+    return None
+
+
+def _starts_at_minus_inf(lines: list[str], accumulator: str, before: int) -> bool:
+    """Whether ``accumulator`` starts as a float vector of -inf above line ``before`` and is set
+    in between only by vector maxima."""
+    updates = _updates_since_minus_inf(lines, accumulator, before)
+    return updates is not None and all(_MAXIMUM.match(line) for line in updates)
 
 
 def integer_maxima(source: str) -> str:
@@ -124,16 +133,6 @@ def _integer_reduction(lines: list[str], k: int) -> str | None:
 def _only_integer_maxima(lines: list[str], accumulator: str, before: int) -> bool:
     """Whether, back to its -inf declaration, ``accumulator`` is set at least once and only
     by integer maxima of bit patterns (the form :func:`integer_maxima` writes)."""
-    declaration = f"at::vec::Vectorized<float> {accumulator} = "
     integer = f"{accumulator} = at::vec::cast<float>(at::vec::maximum(at::vec::cast<int32_t>("
-    updates = 0
-    for k in range(before - 1, -1, -1):
-        line = lines[k].strip()
-        if line.startswith(declaration):
-            start = f"{declaration}at::vec::Vectorized<float>{_NEG_INF};"
-            return line == start and updates > 0
-        if f" {accumulator} = " in f" {line}":
-            if not line.startswith(integer):
-                return False
-            updates += 1
-    return False
+    updates = _updates_since_minus_inf(lines, accumulator, before)
+    return bool(updates) and all(line.startswith(integer) for line in updates)
