@@ -926,6 +926,52 @@ def test_index_vectors_and_prefetched_loads_keep_eager_values(n) -> None:
     assert torch.equal(got, f(x, y, key))
 
 
+def test_only_kernels_of_block_codes_prefetch(monkeypatch) -> None:
+    """Kernels of float moments (fp32, bf16) are compiled without software prefetches (their
+    loop bodies are short enough for the hardware prefetcher, and on the Zen 4 VM the
+    prefetches cost them time); kernels of block codes prefetch ``PREFETCH_AHEAD`` elements
+    ahead; ``_prefetched_loads(0)`` leaves inductor's loads as they are."""
+    from torch._inductor import config as inductor_config
+    from torch._inductor.utils import run_and_get_code
+
+    asked: list[int] = []
+    original = kernels._prefetched_loads
+
+    def recording(ahead: int = kernels.PREFETCH_AHEAD):
+        asked.append(ahead)
+        return original(ahead)
+
+    monkeypatch.setattr(kernels, "_prefetched_loads", recording)
+    monkeypatch.setattr(kernels, "_KERNELS", {})
+    gen = torch.Generator().manual_seed(0)
+    for state_dtype, expected in [
+        (None, 0),
+        ("bfloat16", 0),
+        ("int8", kernels.PREFETCH_AHEAD),
+        ("int4", kernels.PREFETCH_AHEAD),
+    ]:
+        asked.clear()
+        p = torch.nn.Parameter(torch.randn(300, generator=gen))
+        p.grad = torch.randn(300, generator=gen)
+        opt = adamkit.AdamW(
+            [p], backend="compiled", state_dtype=state_dtype, min_quantized_size=0
+        )
+        opt.step()
+        assert asked and set(asked) == {expected}, (state_dtype, asked)
+    assert kernels.PREFETCH_AHEAD > 0 and not kernels.PREFETCH_FLOAT_STATE
+
+    def f(x):
+        return x * 2.0 + 1.0
+
+    x = torch.randn(4099, generator=gen)
+    torch._dynamo.reset()
+    with original(0), inductor_config.patch(fx_graph_cache=False):
+        got, code = run_and_get_code(torch.compile(f, dynamic=False), x)
+    torch._dynamo.reset()
+    assert "loadu(" in "\n".join(code) and "__builtin_prefetch(" not in "\n".join(code)
+    assert torch.equal(got, f(x))
+
+
 @pytest.mark.parametrize("n", [16, 37, 4099])
 def test_int32_to_uint8_compiles_to_a_vector_conversion_with_the_same_bytes(n) -> None:
     """Under the kernels' code-generation patch int32 -> uint8 (the block codes) goes through

@@ -455,7 +455,7 @@ def _compile(spec: KernelSpec, device: torch.device) -> Kernel:
             _copies_follow_lowp_tiling(lowp),
             _vector_bitcasts(),
             _vector_aranges(),
-            _prefetched_loads(),
+            _prefetched_loads(prefetch_ahead(spec)),
             _vector_narrowing(),
             _rewritten_source(),
             _kept_scratch(spec.signals and KEEP_SCRATCH),
@@ -565,7 +565,7 @@ def _copies_follow_lowp_tiling(lowp: torch.dtype | None):
 
 
 CODEGEN_PATCHES = (
-    "adamkit-codegen: lowp copies tiled (SR too), vector bitcasts x1/x2, aranges, prefetch 1024, "
+    "adamkit-codegen: lowp copies tiled (SR too), vector bitcasts x1/x2, aranges, prefetches only where blocks are coded, "
     "int32->uint8 through int8, invariants hoisted from row loops (a name once a block), "
     "barriers dropped, signal sums merged into the update loop (p0 and dp too), row loops "
     "fused (runs of them), row values shared, sums of squares by fmadd, row temporaries of "
@@ -612,6 +612,7 @@ def _codegen_marker(device: torch.device):
     shared += "" if CONSTANT_BYTE_SHIFTS else "; byte shifts emulated"
     shared += "" if INTEGER_REDUCTIONS else "; maxima reduced as floats"
     shared += f"; runs cut past {barriers.FUSED_LINES} lines"
+    shared += f"; prefetch {PREFETCH_AHEAD} ahead{' (float state too)' if PREFETCH_FLOAT_STATE else ''}"
     key = f"{CODEGEN_PATCHES}; {mode}{merged}{shared}"
 
     class CodegenPatches(CustomGraphPass):
@@ -709,28 +710,50 @@ def _vector_narrowing():
     return _replaced(_vec_kernel, "get_to_dtype_expr", replace)
 
 
-PREFETCH_AHEAD = 1024
-"""Elements ahead of a vector load that :func:`_prefetched_loads` asks the cache for (4 KB of
-fp32, 1 KB of int8 codes; measured flat from 256 to 4096 elements)."""
+PREFETCH_AHEAD = 256
+"""Elements ahead of a vector load that :func:`_prefetched_loads` asks the cache for, in the
+kernels that hold block codes (1 KB of fp32, 256 B of int8 codes). Measured on the Zen 4 VM
+(session 22, docs/benchmarks.md), 50M params in 33 tensors, paired in one process: int8
+-0.4 ms a step without prefetches, -0.5 at 128, -0.9 at 256, -0.5 to -0.7 at 512 (against
+1024, the earlier distance); int4 -0.4 to -0.6 at 256."""
+
+PREFETCH_FLOAT_STATE = False
+"""Whether kernels whose moments are floats (fp32, bf16; no block codes) prefetch too. Their
+loop bodies are short enough for the hardware prefetcher: on the Zen 4 VM the prefetches
+cost them time (paired, 50M params in 33 tensors: fp32 -2.1 ms a step without them in the
+fast memory state, -1.0 in the slow one; bf16 state -3.9 ms; 2000 tensors: -1.3 and -1.9
+ms). (The Intel Xeon VM of session 8 measured the opposite: a one-thread bf16-state slot,
+14.0 -> 9.3 ms with them; set this to True on such a machine.)"""
+
+
+def prefetch_ahead(spec: KernelSpec) -> int:
+    """How far ahead ``spec``'s kernel prefetches its loads: :data:`PREFETCH_AHEAD` elements
+    where it holds block codes, none (0) for float moments unless
+    :data:`PREFETCH_FLOAT_STATE`."""
+    if block_of(spec.codec) or PREFETCH_FLOAT_STATE:
+        return PREFETCH_AHEAD
+    return 0
 
 
 _KERNEL_ARGUMENT = re.compile(r"(in|out)_ptr\d+$")
 
 
-def _prefetched_loads():
+def _prefetched_loads(ahead: int = PREFETCH_AHEAD):
     """While compiling a kernel: precede each contiguous vector load of inductor's C++ backend
-    with a software prefetch of the same tensor ``PREFETCH_AHEAD`` elements further on.
+    with a software prefetch of the same tensor ``ahead`` elements further on (0: none;
+    :func:`prefetch_ahead` chooses per kernel).
 
     An optimizer step streams every tensor once, and the kernels with stochastic rounding or
     block codes run 100-200 instructions per 16 elements: the out-of-order window then holds
     too few iterations to keep enough loads in flight, and perf put half of a bf16-state
     kernel's samples on the instructions right after its loads (waits on memory, at 8 GB/s of
-    a 40 GB/s stream). Prefetching ahead hides the wait: one 4.5M-element slot, one thread,
-    bf16 state 14.0 -> 9.3 ms, int8 18.8 -> 12.8 ms, fp32 5.9 -> 5.0 ms (docs/benchmarks.md).
-    A prefetch never faults, so addresses past a tensor's end are harmless, and it changes no
+    a 40 GB/s stream). Prefetching ahead hid the wait on the Intel Xeon VM of session 8: one
+    4.5M-element slot, one thread, bf16 state 14.0 -> 9.3 ms, int8 18.8 -> 12.8 ms, fp32 5.9
+    -> 5.0 ms. On the Zen 4 VM only the block-code kernels gain, from a shorter distance
+    (:data:`PREFETCH_AHEAD`, :data:`PREFETCH_FLOAT_STATE`; docs/benchmarks.md). A prefetch never faults, so addresses past a tensor's end are harmless, and it changes no
     value. Only for GCC/Clang (``__builtin_prefetch``); elsewhere nothing changes.
     """
-    if sys.platform == "win32":  # MSVC has no __builtin_prefetch
+    if sys.platform == "win32" or ahead <= 0:  # (MSVC has no __builtin_prefetch)
         return contextlib.nullcontext()
 
     def replace(original):
@@ -740,7 +763,7 @@ def _prefetched_loads():
                 return line  # (masked, boolean, or from a local buffer of gathered elements)
             start = f"{var} + {_inductor_cpp().cexpr_index(index)}" if index != 0 else var
             # (a comma expression: the line stays one expression, as inductor's CSE expects)
-            return f"(__builtin_prefetch({start} + {PREFETCH_AHEAD}, 0, 3), {line})"
+            return f"(__builtin_prefetch({start} + {ahead}, 0, 3), {line})"
 
         return load_line
 
