@@ -953,9 +953,7 @@ def test_only_kernels_of_block_codes_prefetch(monkeypatch) -> None:
         asked.clear()
         p = torch.nn.Parameter(torch.randn(300, generator=gen))
         p.grad = torch.randn(300, generator=gen)
-        opt = adamkit.AdamW(
-            [p], backend="compiled", state_dtype=state_dtype, min_quantized_size=0
-        )
+        opt = adamkit.AdamW([p], backend="compiled", state_dtype=state_dtype, min_quantized_size=0)
         opt.step()
         assert asked and set(asked) == {expected}, (state_dtype, asked)
     assert kernels.PREFETCH_AHEAD > 0 and not kernels.PREFETCH_FLOAT_STATE

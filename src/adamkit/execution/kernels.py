@@ -565,8 +565,9 @@ def _copies_follow_lowp_tiling(lowp: torch.dtype | None):
 
 
 CODEGEN_PATCHES = (
-    "adamkit-codegen: lowp copies tiled (SR too), vector bitcasts x1/x2, aranges, prefetches only where blocks are coded, "
-    "int32->uint8 through int8, invariants hoisted from row loops (a name once a block), "
+    "adamkit-codegen: lowp copies tiled (SR too), vector bitcasts x1/x2, aranges, "
+    "prefetches only where blocks are coded, int32->uint8 through int8, invariants hoisted "
+    "from row loops (a name once a block), "
     "barriers dropped, signal sums merged into the update loop (p0 and dp too), row loops "
     "fused (runs of them), row values shared, sums of squares by fmadd, row temporaries of "
     "the kernel's own nodes on the stack, block maxima of magnitudes as int32 maxima, "
@@ -612,7 +613,8 @@ def _codegen_marker(device: torch.device):
     shared += "" if CONSTANT_BYTE_SHIFTS else "; byte shifts emulated"
     shared += "" if INTEGER_REDUCTIONS else "; maxima reduced as floats"
     shared += f"; runs cut past {barriers.FUSED_LINES} lines"
-    shared += f"; prefetch {PREFETCH_AHEAD} ahead{' (float state too)' if PREFETCH_FLOAT_STATE else ''}"
+    shared += f"; prefetch {PREFETCH_AHEAD} ahead"
+    shared += " (float state too)" if PREFETCH_FLOAT_STATE else ""
     key = f"{CODEGEN_PATCHES}; {mode}{merged}{shared}"
 
     class CodegenPatches(CustomGraphPass):
@@ -750,8 +752,9 @@ def _prefetched_loads(ahead: int = PREFETCH_AHEAD):
     a 40 GB/s stream). Prefetching ahead hid the wait on the Intel Xeon VM of session 8: one
     4.5M-element slot, one thread, bf16 state 14.0 -> 9.3 ms, int8 18.8 -> 12.8 ms, fp32 5.9
     -> 5.0 ms. On the Zen 4 VM only the block-code kernels gain, from a shorter distance
-    (:data:`PREFETCH_AHEAD`, :data:`PREFETCH_FLOAT_STATE`; docs/benchmarks.md). A prefetch never faults, so addresses past a tensor's end are harmless, and it changes no
-    value. Only for GCC/Clang (``__builtin_prefetch``); elsewhere nothing changes.
+    (:data:`PREFETCH_AHEAD`, :data:`PREFETCH_FLOAT_STATE`; docs/benchmarks.md). A prefetch
+    never faults, so addresses past a tensor's end are harmless, and it changes no value. Only
+    for GCC/Clang (``__builtin_prefetch``); elsewhere nothing changes.
     """
     if sys.platform == "win32" or ahead <= 0:  # (MSVC has no __builtin_prefetch)
         return contextlib.nullcontext()
