@@ -34,14 +34,15 @@ def test_groups_split_at_the_edges_and_ratios_are_paired_within_rounds() -> None
 
 
 def test_a_short_run_steps_every_kind_every_round(capsys) -> None:
-    rows = S.run([S.ANCHOR, "float32"], [(64,), (300,)], seconds=0.0)
-    assert len(rows) == 1 and set(rows[0]) == {S.ANCHOR, "float32"}
+    names = [S.ANCHOR, "adamkit-compiled", "adamkit-compiled:int8"]
+    rows = S.run(names, [(64,), (300,)], seconds=0.0)
+    assert len(rows) == 1 and set(rows[0]) == set(names)
     assert all(ms > 0 for ms in rows[0].values())
     args = ["--seconds", "0.01", "--layout", "custom", "--params", "600", "--tensors", "2"]
-    assert S.main([*args, "--state-dtype", "float32"]) == 0
+    assert S.main([*args, "--state-dtype", "int8"]) == 0
     out = capsys.readouterr().out
     assert "custom: 0.0M params in 2 tensors" in out
-    assert "paired ratio float32" in out
+    assert "paired ratio adamkit-compiled " in out and "adamkit-compiled:int8 " in out
 
 
 @pytest.mark.parametrize(

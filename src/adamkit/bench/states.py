@@ -7,63 +7,52 @@
 The project's VM moves between memory states within minutes (torch's fused AdamW on 50M params
 takes 17-19 ms in the fast one and 25-31 ms in the slow one), and a bench run of 7 rounds
 usually sits in one of them. This tool steps torch's fused AdamW and adamkit's compiled AdamW
-in each state dtype once a round, in an order drawn anew every round (seeded; a step's time
-depends on the step before it: :func:`adamkit.bench.throughput.rounds`), for ``seconds``
-seconds, then groups the rounds by torch's time that round and prints, per group, the median
-step time of each optimizer and the median over the rounds of torch's time / ours (a ratio
-paired within each round, so a state change between rounds does not enter it).
+(moments in the param's dtype, and in each ``--state-dtype``) once a round, in an order drawn
+anew every round (seeded; a step's time depends on the step before it:
+:func:`adamkit.bench.throughput.rounds`), for ``seconds`` seconds, then groups the rounds by
+torch's time that round and prints, per group, the median step time of each optimizer and the
+median over the rounds of torch's time / ours (a ratio paired within each round, so a state
+change between rounds does not enter it).
 """
 
 from __future__ import annotations
 
 import argparse
-import random
 import time
 from collections.abc import Sequence
 
 import numpy as np
 import torch
 
+from adamkit.bench import throughput as T
+
 ANCHOR = "torch-fused"
 EDGES_MS = (20.0, 24.0)  # the groups: torch's step under 20 ms, 20-24 ms, 24 ms and above
 
 
-def make_optimizer(kind: str, shapes: Sequence[tuple[int, ...]], seed: int = 0):
-    """``kind`` is ``torch-fused`` or a state dtype of adamkit's compiled AdamW (``float32``
-    is the default: moments in the param's dtype); params and grads are seeded normals."""
-    from adamkit.optim import AdamW
-
-    g = torch.Generator().manual_seed(seed)
-    params = []
-    for shape in shapes:
-        p = torch.nn.Parameter(torch.randn(shape, generator=g))
-        p.grad = torch.randn(shape, generator=g)
-        params.append(p)
-    if kind == ANCHOR:
-        return torch.optim.AdamW(params, lr=1e-3, fused=True)
-    state = None if kind == "float32" else kind
-    return AdamW(params, lr=1e-3, backend="compiled", state_dtype=state)
-
-
 def run(
-    kinds: Sequence[str], shapes: Sequence[tuple[int, ...]], seconds: float, seed: int = 0
+    candidates: Sequence[str], shapes: Sequence[tuple[int, ...]], seconds: float, seed: int = 0
 ) -> list[dict[str, float]]:
-    """Rounds of one timed step of each of ``kinds`` (the anchor included by the caller),
-    in a drawn order, for ``seconds`` (at least one round); each round is a dict kind -> ms."""
-    optimizers = {kind: make_optimizer(kind, shapes) for kind in kinds}
-    for opt in optimizers.values():  # compile and warm up
-        opt.step()
-        opt.step()
-    draw = random.Random(seed)
+    """Rounds of one timed step of each of ``candidates`` (names as in ``adamkit bench``:
+    ``torch-fused``, ``adamkit-compiled:int8``...; the anchor included by the caller), in an
+    order drawn every round (:func:`adamkit.bench.throughput.rounds`), for ``seconds`` (at
+    least one round); each round is a dict name -> ms. The candidates share one set of
+    gradients, as in the bench."""
+    gen = torch.Generator().manual_seed(1)
+    grads = [torch.randn(s, generator=gen) * 1e-2 for s in shapes]
+    runs = [T._Candidate(name, list(shapes), grads, "cpu") for name in candidates]
+    for cand in runs:  # compile and warm up
+        cand.step(lambda: None)
+        cand.step(lambda: None)
     rows: list[dict[str, float]] = []
     end = time.perf_counter() + seconds
+    batch = 0
     while not rows or time.perf_counter() < end:
-        row = {}
-        for kind in draw.sample(list(kinds), len(kinds)):
-            start = time.perf_counter()
-            optimizers[kind].step()
-            row[kind] = (time.perf_counter() - start) * 1e3
-        rows.append(row)
+        for order in T.rounds(len(runs), 16, seed + batch):
+            rows.append({runs[k].name: runs[k].step(lambda: None) * 1e3 for k in order})
+            if time.perf_counter() >= end:
+                break
+        batch += 1
     return rows
 
 
@@ -97,8 +86,6 @@ def summarize(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from adamkit.bench.throughput import layout_shapes
-
     parser = argparse.ArgumentParser(
         prog="python -m adamkit.bench.states", description=__doc__.split("\n\n")[0]
     )
@@ -108,19 +95,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--tensors", type=int, default=None, help="tensors of the custom layout")
     parser.add_argument(
         "--state-dtype",
-        default="float32,bfloat16,int8,int4",
-        help="comma list of float32, bfloat16, int8, int4 (adamkit compiled AdamW)",
+        type=T._state_dtypes,
+        default=("bfloat16", "int8", "int4"),
+        metavar="LIST",
+        help=f"comma list of {', '.join(T.STATE_DTYPES)}: a row each for adamkit's compiled "
+        "AdamW, besides the default (moments in the param's dtype)",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the rounds' order")
     args = parser.parse_args(argv)
-    states = [s for s in args.state_dtype.split(",") if s]
-    unknown = sorted(set(states) - {"float32", "bfloat16", "int8", "int4"})
-    if unknown:
-        parser.error(f"invalid --state-dtype {','.join(unknown)!r}")
     if not args.seconds > 0:
         parser.error(f"invalid --seconds {args.seconds!r}: must be > 0")
-    shapes = layout_shapes(args.layout, args.params, args.tensors)
-    rows = run([ANCHOR, *states], shapes, args.seconds, args.seed)
+    shapes = T.layout_shapes(args.layout, args.params, args.tensors)
+    candidates = [ANCHOR, *T.expand_candidates(["adamkit-compiled"], args.state_dtype)]
+    rows = run(candidates, shapes, args.seconds, args.seed)
     params = sum(int(np.prod(s)) for s in shapes)
     print(f"{args.layout}: {params / 1e6:.1f}M params in {len(shapes)} tensors, {len(rows)} rounds")
     for group in summarize(rows):

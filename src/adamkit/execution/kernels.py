@@ -740,10 +740,10 @@ def prefetch_ahead(spec: KernelSpec) -> int:
 _KERNEL_ARGUMENT = re.compile(r"(in|out)_ptr\d+$")
 
 
-def _prefetched_loads(ahead: int = PREFETCH_AHEAD):
+def _prefetched_loads(ahead: int | None = None):
     """While compiling a kernel: precede each contiguous vector load of inductor's C++ backend
-    with a software prefetch of the same tensor ``ahead`` elements further on (0: none;
-    :func:`prefetch_ahead` chooses per kernel).
+    with a software prefetch of the same tensor ``ahead`` elements further on (0: none; None:
+    :data:`PREFETCH_AHEAD` as it is now; :func:`prefetch_ahead` chooses per kernel).
 
     An optimizer step streams every tensor once, and the kernels with stochastic rounding or
     block codes run 100-200 instructions per 16 elements: the out-of-order window then holds
@@ -756,6 +756,7 @@ def _prefetched_loads(ahead: int = PREFETCH_AHEAD):
     never faults, so addresses past a tensor's end are harmless, and it changes no value. Only
     for GCC/Clang (``__builtin_prefetch``); elsewhere nothing changes.
     """
+    ahead = PREFETCH_AHEAD if ahead is None else ahead
     if sys.platform == "win32" or ahead <= 0:  # (MSVC has no __builtin_prefetch)
         return contextlib.nullcontext()
 
