@@ -135,6 +135,73 @@ def test_adamw_defaults_match_torch() -> None:
     assert ours["decoupled_weight_decay"] is True
 
 
+@pytest.mark.parametrize(
+    ("ours", "theirs"), [(adamkit.Adam, torch.optim.Adam), (adamkit.AdamW, torch.optim.AdamW)]
+)
+def test_every_torch_keyword_is_accepted(ours, theirs) -> None:
+    """A call written for torch.optim runs unchanged: every argument of torch's constructor is
+    one of ours, and its default value steps the same params to the same place."""
+    import inspect
+
+    torch_args = set(inspect.signature(theirs.__init__).parameters) - {"self"}
+    assert torch_args <= set(inspect.signature(ours.__init__).parameters)
+    defaults = {
+        name: arg.default
+        for name, arg in inspect.signature(theirs.__init__).parameters.items()
+        if name not in ("self", "params")
+    }
+    torch.manual_seed(0)
+    a, b = _param(5, 3), None
+    b = a.detach().clone().requires_grad_()
+    opt_a, opt_b = ours([a], **defaults), theirs([b], **defaults)
+    for _ in range(3):
+        g = torch.randn(5, 3)
+        a.grad, b.grad = g.clone(), g.clone()
+        opt_a.step()
+        opt_b.step()
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("switches", "backend"),
+    [
+        ({"fused": True}, "compiled"),
+        ({"fused": True, "foreach": False}, "compiled"),
+        ({"foreach": False}, "eager"),
+        ({"foreach": False, "fused": False}, "eager"),
+        ({"foreach": True}, "auto"),
+        ({"fused": False}, "auto"),
+        ({"fused": True, "backend": "compiled"}, "compiled"),
+        ({"foreach": False, "backend": "eager"}, "eager"),
+        ({"foreach": True, "backend": "eager"}, "eager"),
+    ],
+)
+def test_torch_implementation_switches_pick_the_backend(switches, backend) -> None:
+    assert adamkit.AdamW([_param(3)], **switches).backend == backend
+    assert adamkit.Adam([_param(3)], **switches).backend == backend
+
+
+@pytest.mark.parametrize(
+    ("switches", "message"),
+    [
+        ({"fused": True, "foreach": True}, r"Invalid fused=True with foreach=True"),
+        ({"fused": True, "backend": "eager"}, r"Invalid fused=True with backend='eager'"),
+        (
+            {"foreach": False, "backend": "compiled"},
+            r"Invalid foreach=False with backend='compiled'",
+        ),
+        ({"differentiable": True}, r"Invalid differentiable=True"),
+        ({"differentiable": 1}, r"Invalid differentiable=1"),
+        ({"fused": "yes"}, r"Invalid fused='yes'"),
+        ({"foreach": 0}, r"Invalid foreach=0"),
+    ],
+)
+def test_torch_implementation_switches_that_cannot_hold_are_refused(switches, message) -> None:
+    for cls in (adamkit.Adam, adamkit.AdamW):
+        with pytest.raises(ValueError, match=message):
+            cls([_param(3)], **switches)
+
+
 def test_step_hooks_run() -> None:
     p = _param(2)
     opt = adamkit.Adam([p])

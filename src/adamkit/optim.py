@@ -63,6 +63,45 @@ def validate_backend(backend: object) -> None:
         raise ValueError(f"Invalid backend={backend!r}: expected one of {BACKENDS}")
 
 
+def resolve_backend(
+    backend: object, *, foreach: object = None, fused: object = None, differentiable: object = False
+) -> str:
+    """The backend a constructor runs, given torch.optim's implementation switches too.
+
+    ``torch.optim.Adam``/``AdamW`` choose their implementation with ``foreach`` and ``fused``;
+    adamkit accepts them so that a call written for torch runs unchanged, and reads them as
+    backends: ``fused=True`` is ``"compiled"`` (one fused kernel over all params),
+    ``foreach=False`` is ``"eager"`` (one param at a time), ``foreach=True`` and ``None`` leave
+    ``backend`` as it is (``"auto"`` is adamkit's multi-tensor path). Given with a ``backend``
+    other than ``"auto"``, a switch must name the same one. ``fused=True`` with
+    ``foreach=True`` is an error, as in torch. ``differentiable=True`` (gradients through the
+    step) is not supported: adamkit's steps run under ``torch.no_grad``.
+    """
+    validate_backend(backend)
+    for name, value in (("foreach", foreach), ("fused", fused)):
+        if value is not None and not isinstance(value, bool):
+            raise ValueError(f"Invalid {name}={value!r}: expected None or a bool")
+    if not isinstance(differentiable, bool):
+        raise ValueError(f"Invalid differentiable={differentiable!r}: expected a bool")
+    if differentiable:
+        raise ValueError(
+            "Invalid differentiable=True: adamkit's steps run under torch.no_grad, so no "
+            "gradient flows through them; use torch.optim.Adam(differentiable=True) for that"
+        )
+    if fused and foreach:
+        raise ValueError("Invalid fused=True with foreach=True: choose one, as in torch.optim")
+    wanted = "compiled" if fused else "eager" if foreach is False else None
+    if wanted is None or backend == wanted:
+        return str(backend)
+    if backend == "auto":
+        return wanted
+    switch = "fused=True" if fused else "foreach=False"
+    raise ValueError(
+        f"Invalid {switch} with backend={backend!r}: {switch} means backend={wanted!r}; "
+        "give one of them"
+    )
+
+
 def _validate_all(group: dict[str, Any]) -> None:
     validate_group(group)
     validate_state_dtype(group["state_dtype"])
@@ -138,6 +177,10 @@ class Adam(Optimizer):
             step reads a value back to the host: the step can be captured in a CUDA graph or
             traced whole by ``torch.compile``. Not with stochastic rounding or bf16/int8/int4
             states. With a GradScaler, checking ``found_inf`` still syncs once per step.
+        foreach, fused, differentiable: torch.optim's implementation switches, accepted so
+            that a call written for torch runs unchanged (:func:`resolve_backend`):
+            ``fused=True`` selects ``backend="compiled"``, ``foreach=False``
+            ``backend="eager"``; ``differentiable=True`` is refused (not supported).
 
     Supports ``torch.amp.GradScaler``'s optimizer protocol (as torch's fused Adam): the scaler
     sets ``grad_scale`` and ``found_inf``; on inf/NaN the step changes nothing (params, state,
@@ -166,12 +209,17 @@ class Adam(Optimizer):
         skip_nonfinite: bool = False,
         backend: str = "auto",
         capturable: bool = False,
+        foreach: bool | None = None,
+        fused: bool | None = None,
+        differentiable: bool = False,
     ) -> None:
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ValueError(f"Invalid seed={seed!r}: expected an int")
         if not isinstance(skip_nonfinite, bool):
             raise ValueError(f"Invalid skip_nonfinite={skip_nonfinite!r}: expected a bool")
-        validate_backend(backend)
+        backend = resolve_backend(
+            backend, foreach=foreach, fused=fused, differentiable=differentiable
+        )
         self.seed = seed
         self.skip_nonfinite = skip_nonfinite
         self.backend = backend
@@ -580,6 +628,9 @@ class AdamW(Adam):
         skip_nonfinite: bool = False,
         backend: str = "auto",
         capturable: bool = False,
+        foreach: bool | None = None,
+        fused: bool | None = None,
+        differentiable: bool = False,
     ) -> None:
         super().__init__(
             params,
@@ -598,4 +649,7 @@ class AdamW(Adam):
             skip_nonfinite=skip_nonfinite,
             backend=backend,
             capturable=capturable,
+            foreach=foreach,
+            fused=fused,
+            differentiable=differentiable,
         )
