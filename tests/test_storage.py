@@ -370,6 +370,29 @@ def test_torch_state_dict_loads_quantised_and_exports_back(state_dtype) -> None:
         assert back.state[p]["step"].item() == 4
 
 
+def test_export_of_torchs_own_optimizer_is_its_state_copied() -> None:
+    """``export_state_dict`` of a torch.optim.AdamW (no decoded_state) gives its moments and
+    steps, copies that a later step leaves alone, and a torch AdamW loading them steps as the
+    original does."""
+    params = _model_params()
+    torch_opt = torch.optim.AdamW(params, lr=1e-2)
+    _train(torch_opt, params, 3)
+    exported = adamkit.export_state_dict(torch_opt)
+    assert exported["state"].keys() == torch_opt.state_dict()["state"].keys()
+    for index, p in enumerate(params):
+        for key in ("step", "exp_avg", "exp_avg_sq"):
+            assert torch.equal(exported["state"][index][key], torch_opt.state[p][key]), key
+            assert exported["state"][index][key] is not torch_opt.state[p][key]
+    copies = [p.detach().clone().requires_grad_() for p in params]
+    twin = torch.optim.AdamW(copies, lr=1e-2)
+    twin.load_state_dict(copy.deepcopy(exported))  # torch keeps the step tensors it loads
+    _train(torch_opt, params, 2, start=3)
+    _train(twin, copies, 2, start=3)
+    for p, q in zip(params, copies):
+        assert torch.equal(p, q)
+    assert exported["state"][0]["step"].item() == 3  # the source's steps left the copy alone
+
+
 def test_checkpoints_of_the_earlier_int4_format_load_re_encoded() -> None:
     """int4 state written with the earlier format (power maps, block 128) is recognised by its
     block and re-encoded into today's int4; a block size of no format is refused by name."""

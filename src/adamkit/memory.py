@@ -116,15 +116,18 @@ def export_state_dict(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """A torch-layout state_dict with fp32 moments, loadable by ``torch.optim.AdamW``.
 
     Compact formats (bf16, int8, int4) are decoded; 'step' is kept; adamkit's extra group keys
-    are dropped so that the result is what torch itself would save.
+    are dropped so that the result is what torch itself would save. An optimizer that is not
+    adamkit's (``torch.optim.AdamW`` itself) gives its own state, copied.
     """
     sd = optimizer.state_dict()
     params = [p for g in optimizer.param_groups for p in g["params"]]
+    decoded_state = getattr(optimizer, "decoded_state", None)
     state = {}
-    for index in sd["state"]:
-        param = params[index]
-        decoded = optimizer.decoded_state(param) if hasattr(optimizer, "decoded_state") else {}
-        state[index] = {k: v.clone() for k, v in decoded.items()}
+    for index, entry in sd["state"].items():
+        if decoded_state is None:  # not adamkit's (torch's own): its layout already
+            state[index] = {k: v.clone() if isinstance(v, Tensor) else v for k, v in entry.items()}
+        else:
+            state[index] = {k: v.clone() for k, v in decoded_state(params[index]).items()}
     torch_keys = (
         "lr",
         "betas",
