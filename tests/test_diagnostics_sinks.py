@@ -7,6 +7,7 @@ import json
 import logging
 import math
 import os
+import re
 import sys
 
 import numpy as np
@@ -149,6 +150,30 @@ def test_report_prints_a_table_and_writes_a_png(tmp_path, capsys) -> None:
     assert rows["update_rms"] == [values[0], values[-1], min(values), max(values)]
     first, last, lo, hi = rows["grad_nonfinite"]
     assert first == lo == 0 and last == hi > 0  # the NaN of step 10 spread
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b'{"step": 1, "overall": {\n', r"bad\.jsonl:1: not a JSON record"),
+        (b"\xff\xfe\n", r"bad\.jsonl:1: not a JSON record"),
+        (b'{"step": 1}\n[1, 2]\n', r"record 2 is a JSON list, not a Monitor record"),
+        (b'{"foo": 1}\n', r"record 1 has no int 'step' \(step=None\)"),
+        (b'{"step": "3"}\n', r"record 1 has no int 'step' \(step='3'\)"),
+        (b'{"step": 3, "alerts": [{"x": 1}]}\n', r"record 1 \(step 3\) has alerts without"),
+    ],
+)
+def test_report_names_what_is_wrong_with_a_file_it_cannot_read(
+    tmp_path, capsys, content, message
+) -> None:
+    """A file that is not a Monitor's log ends the command with status 2 and one line that
+    names the record, not a traceback; the PNG is not written."""
+    path = tmp_path / "bad.jsonl"
+    path.write_bytes(content)
+    assert report.main([str(path)]) == 2
+    out, err = capsys.readouterr()
+    assert re.search(message, err) and err.startswith("adamkit report: ")
+    assert "Traceback" not in err and not (tmp_path / "bad.png").exists()
 
 
 def test_overhead_probe_measures_each_sampling_period() -> None:

@@ -175,6 +175,24 @@ def plot(records: Sequence[dict[str, Any]], out: str | Path) -> Path:
     return out
 
 
+def not_a_record(records: Sequence[Any]) -> str | None:
+    """What makes the first of ``records`` that a Monitor did not write unreadable here (an
+    object with an int ``step``, ``alerts`` a list of objects with a ``step`` and a ``name``
+    where present), or None when all are readable."""
+    for number, r in enumerate(records, start=1):
+        if not isinstance(r, dict):
+            return f"record {number} is a JSON {type(r).__name__}, not a Monitor record"
+        step = r.get("step")
+        if isinstance(step, bool) or not isinstance(step, int):
+            return f"record {number} has no int 'step' (step={step!r}): not a Monitor record"
+        alerts = r.get("alerts", [])
+        if not isinstance(alerts, list) or not all(
+            isinstance(a, dict) and "step" in a and "name" in a for a in alerts
+        ):
+            return f"record {number} (step {step}) has alerts without 'step' and 'name'"
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``adamkit report``; returns the exit status."""
     parser = argparse.ArgumentParser(
@@ -190,12 +208,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        records = read_jsonl(path)
+        try:
+            records = read_jsonl(path)
+        except ValueError as e:  # a line that is not JSON (read_jsonl names it)
+            print(f"adamkit report: {e}", file=sys.stderr)
+            return 2
     for w in caught:
         print(f"adamkit report: warning: {w.message}", file=sys.stderr)
     if not records:
         print(f"adamkit report: {path} holds no records", file=sys.stderr)
         return 1
+    problem = not_a_record(records)
+    if problem is not None:
+        print(f"adamkit report: {path}: {problem}", file=sys.stderr)
+        return 2
     print_summary(records, str(path))
     if not args.no_plot:
         out = plot(records, args.out or path.with_suffix(".png"))
