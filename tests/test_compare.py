@@ -380,6 +380,25 @@ def test_cli_rejects_unknown_names(capsys):
     assert "compare" in capsys.readouterr().out
 
 
+def test_cli_refuses_a_device_or_folder_it_cannot_use_before_any_run(tmp_path, capsys):
+    """A device torch cannot put a tensor on, or an --out that cannot be a folder, ends the
+    command at once with status 2 and a line naming the value (no run, no report)."""
+    with pytest.raises(SystemExit) as e:
+        cli.main(["compare", "--device", "nonsense", "--out", str(tmp_path / "a")])
+    assert e.value.code == 2 and "not a torch device: 'nonsense'" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit) as e:
+            cli.main(["compare", "--device", "cuda", "--out", str(tmp_path / "b")])
+        assert e.value.code == 2 and "'cuda' is not available here" in capsys.readouterr().err
+    a_file = tmp_path / "taken"
+    a_file.write_text("not a folder")
+    assert cli.main(["compare", "--quick", "--out", str(a_file)]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot use --out {str(a_file)!r}" in err
+    assert a_file.read_text() == "not a folder"
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
 def test_cli_delegates_bench_and_report(monkeypatch, capsys):
     got = {}
     for command, module in (("bench", "adamkit.bench.throughput"),

@@ -36,6 +36,22 @@ def _positive(value: str) -> int:
     return n
 
 
+def _device(value: str) -> str:
+    """A torch device this process can put a tensor on (``cpu``, ``cuda``, ``cuda:1``...)."""
+    import torch
+
+    try:
+        device = torch.device(value)
+    except (RuntimeError, ValueError) as e:
+        raise argparse.ArgumentTypeError(f"not a torch device: {value!r} ({e})") from None
+    try:
+        torch.empty(0, device=device)
+    except (AssertionError, RuntimeError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise argparse.ArgumentTypeError(f"{value!r} is not available here ({first})") from None
+    return value
+
+
 def compare_parser(prog: str = "adamkit compare") -> argparse.ArgumentParser:
     from adamkit.bench.optimizers import OPTIMIZERS
     from adamkit.bench.tasks import ALL_TASKS, DEFAULT_TASKS
@@ -73,7 +89,7 @@ def compare_parser(prog: str = "adamkit compare") -> argparse.ArgumentParser:
     p.add_argument(
         "--steps", type=_positive, default=None, help="override every task's step budget"
     )
-    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    p.add_argument("--device", type=_device, default="cpu", help="torch device (default cpu)")
     p.add_argument(
         "--out",
         type=Path,
@@ -89,6 +105,11 @@ def run_compare_command(argv: Sequence[str]) -> int:
 
     args = compare_parser().parse_args(list(argv))
     tasks = ALL_TASKS if "all" in args.tasks else args.tasks
+    try:  # before any run: a folder that cannot be made fails now, not after the runs
+        args.out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        print(f"adamkit compare: cannot use --out {str(args.out)!r}: {e}", file=sys.stderr)
+        return 2
     config = CompareConfig(
         tasks=tasks,
         optimizers=args.optimizers,
