@@ -66,6 +66,11 @@ def test_parser_accepts_state_dtypes_and_anchors():
         ),
         (["--state-dtype", "fp8"], r"argument --state-dtype: unknown state dtype 'fp8'"),
         (["--anchors", "apex"], r"argument --anchors: unknown anchor 'apex'; choose from bnb"),
+        (["--repeats", "0"], r"argument --repeats: expected an integer >= 1, got '0'"),
+        (["--warmup", "-1"], r"argument --warmup: expected an integer >= 0, got '-1'"),
+        (["--auto-steps", "x"], r"argument --auto-steps: expected an integer >= 0, got 'x'"),
+        (["--params", "0"], r"argument --params: expected an integer >= 1, got '0'"),
+        (["--tensors", "-3"], r"argument --tensors: expected an integer >= 1, got '-3'"),
     ],
 )
 def test_parser_rejects_unknown_values(argv, message, capsys):
@@ -74,6 +79,25 @@ def test_parser_rejects_unknown_values(argv, message, capsys):
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert re.search(message, err), err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--layouts", "big,huge"], r"--layouts 'big,huge': unknown layout 'huge'"),
+        (["--layouts", "custom"], r"the custom layout needs --params and --tensors"),
+        (["--json", "{missing}/out.json"], r"cannot write --json '.*missing/out\.json'"),
+        (["--json", "{tmp}"], r"cannot write --json"),
+        (["--monitor", "--json", "{missing}/m.json"], r"cannot write --json"),
+    ],
+)
+def test_bad_layouts_and_json_paths_stop_before_any_timing(tmp_path, capsys, argv, message):
+    """Status 2 and one line naming the value, before a layout is built or a step timed."""
+    argv = [a.format(missing=tmp_path / "missing", tmp=tmp_path) for a in argv]
+    assert T.main(argv) == 2
+    out, err = capsys.readouterr()
+    assert re.search(message, err), err
+    assert "params in" not in out  # no layout ran
 
 
 def test_state_dtype_needs_an_adamkit_backend(capsys):

@@ -48,6 +48,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -310,13 +311,18 @@ def parser() -> argparse.ArgumentParser:
         prog="adamkit bench", description="optimizer-step throughput, adamkit vs torch AdamW"
     )
     ap.add_argument("--layouts", default="big,many", help="comma list of big, many, custom")
-    ap.add_argument("--params", type=int, help="params of the custom layout")
-    ap.add_argument("--tensors", type=int, help="tensors of the custom layout")
+    ap.add_argument("--params", type=_at_least(1), help="params of the custom layout")
+    ap.add_argument("--tensors", type=_at_least(1), help="tensors of the custom layout")
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
-    ap.add_argument("--repeats", type=int, default=7, help="timed rounds (median reported)")
-    ap.add_argument("--warmup", type=int, default=3, help="untimed steps after the first")
     ap.add_argument(
-        "--auto-steps", type=int, default=200, help="most steps to wait for auto to compile"
+        "--repeats", type=_at_least(1), default=7, help="timed rounds (median reported)"
+    )
+    ap.add_argument("--warmup", type=_at_least(0), default=3, help="untimed steps after the first")
+    ap.add_argument(
+        "--auto-steps",
+        type=_at_least(0),
+        default=200,
+        help="most steps to wait for auto to compile",
     )
     ap.add_argument(
         "--backends",
@@ -410,6 +416,19 @@ def _comma_list(value: str, known: Sequence[str], what: str) -> tuple[str, ...]:
     return names
 
 
+def _at_least(low: int) -> Callable[[str], int]:
+    def number(value: str) -> int:
+        try:
+            n = int(value)
+        except ValueError:
+            n = None
+        if n is None or n < low:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {value!r}")
+        return n
+
+    return number
+
+
 def _state_dtypes(value: str) -> tuple[str, ...]:
     return _comma_list(value, STATE_DTYPES, "state dtype")
 
@@ -435,12 +454,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print("adamkit bench: --device cuda but CUDA is not available", file=sys.stderr)
         return 2
+    if args.json:  # where the results go must take them, before minutes of timing
+        target = Path(args.json)
+        if target.is_dir() or not os.access(target.parent, os.W_OK):
+            print(f"adamkit bench: cannot write --json {args.json!r}", file=sys.stderr)
+            return 2
     if args.monitor:
         return monitor_overhead(args)
     if args.params or args.tensors:
         layouts = ["custom"] if args.layouts == "big,many" else args.layouts.split(",")
     else:
         layouts = [name.strip() for name in args.layouts.split(",") if name.strip()]
+    for name in layouts:  # every layout is checked before the first one runs
+        try:
+            layout_shapes(name, args.params, args.tensors)
+        except ValueError as e:
+            print(f"adamkit bench: --layouts {args.layouts!r}: {e}", file=sys.stderr)
+            return 2
     anchor_names = args.anchors
     if anchor_names is None:  # default: bitsandbytes next to adamkit's int8 rows
         anchor_names = anchors.PACKAGES["bnb"] if "int8" in args.state_dtype else ()
