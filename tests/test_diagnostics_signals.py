@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import adamkit
-from adamkit.diagnostics import Monitor
+from adamkit.diagnostics import Monitor, SpikeGuard
 from adamkit.diagnostics import signals as S
 
 Q = (5, 50, 95)
@@ -558,6 +558,73 @@ def test_invalid_arguments() -> None:
         Monitor(opt, alerts={"eps_dominatd": 0.5})
     with pytest.raises(ValueError, match="exact='moments'"):
         Monitor(opt, exact="moments")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"names": 42}, TypeError, r"names must be an nn.Module, \(name, param\) pairs"),
+        ({"names": "weight"}, TypeError, r"names must be an nn.Module"),
+        (
+            {"names": ["weight"]},
+            TypeError,
+            r"names must hold \(name, param\) pairs, got the "
+            r"entry 'weight'",
+        ),
+        ({"names": [(0, torch.zeros(2))]}, TypeError, r"names must hold \(name, param\) pairs"),
+        ({"sinks": [object()]}, TypeError, r"Invalid sink <object object"),
+        ({"loss_window": 1}, ValueError, r"Invalid loss_window=1: must be an int >= 2"),
+        ({"loss_window": 2.5}, ValueError, r"Invalid loss_window=2.5"),
+        ({"keep": 0}, ValueError, r"Invalid keep=0: must be None or an int >= 1"),
+        ({"keep": -1}, ValueError, r"Invalid keep=-1"),
+    ],
+)
+def test_invalid_arguments_are_refused_before_the_first_step(kwargs, error, message) -> None:
+    """Refused by the constructor, naming the argument: the step that follows is not broken
+    by a hook failing on them (before, ``names=42`` raised from inside ``opt.step()``)."""
+    p = nn.Parameter(torch.zeros(2))
+    opt = adamkit.Adam([p])
+    with pytest.raises(error, match=message):
+        Monitor(opt, **kwargs)
+    p.grad = torch.ones(2)
+    opt.step()  # no hook of the refused Monitor is left on the optimizer
+    assert p.detach().tolist() == pytest.approx([-1e-3, -1e-3])
+
+
+def test_names_as_a_dict_or_pairs_name_the_records() -> None:
+    model = small_model()
+    for names in (dict(model.named_parameters()), list(model.named_parameters()),
+                  model.named_parameters()):  # fmt: skip
+        opt = adamkit.Adam(model.parameters())
+        monitor = Monitor(opt, names=names)
+        model(torch.randn(4, 6)).square().mean().backward()
+        opt.step()
+        assert set(monitor.latest()["tensors"]) == {n for n, _ in model.named_parameters()}
+        monitor.close()
+
+
+@pytest.mark.parametrize(
+    ("loss", "error", "message"),
+    [
+        (None, TypeError, r"loss must be a real number or a one-element tensor, got None"),
+        ("0.5", TypeError, r"got '0\.5'"),
+        (True, TypeError, r"got True"),
+        (torch.ones(2), ValueError, r"loss must be a scalar, got a tensor of shape \(2,\)"),
+        (torch.ones(1, dtype=torch.complex64), ValueError, r"loss must be real"),
+    ],
+)
+def test_observe_refuses_what_is_not_a_loss(loss, error, message) -> None:
+    """Monitor and SpikeGuard alike; nothing is queued, so the next record's loss is the
+    next good one."""
+    opt = adamkit.Adam([nn.Parameter(torch.zeros(2))])
+    monitor, guard = Monitor(opt), SpikeGuard(opt)
+    for watcher in (monitor, guard):
+        with pytest.raises(error, match=message):
+            watcher.observe(loss=loss)
+    monitor.observe(loss=np.float32(0.25))
+    opt.param_groups[0]["params"][0].grad = torch.ones(2)
+    opt.step()
+    assert monitor.latest()["loss"] == 0.25
 
 
 def test_a_step_with_a_closure_is_measured() -> None:

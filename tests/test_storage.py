@@ -393,6 +393,12 @@ def test_export_of_torchs_own_optimizer_is_its_state_copied() -> None:
     assert exported["state"][0]["step"].item() == 3  # the source's steps left the copy alone
 
 
+@pytest.mark.parametrize("fn", [adamkit.memory_report, adamkit.export_state_dict])
+def test_reports_and_exports_name_a_wrong_argument(fn) -> None:
+    with pytest.raises(TypeError, match=r"optimizer must be a torch.optim.Optimizer, got dict"):
+        fn({"state": {}, "param_groups": []})  # a state_dict instead of the optimizer
+
+
 def test_checkpoints_of_the_earlier_int4_format_load_re_encoded() -> None:
     """int4 state written with the earlier format (power maps, block 128) is recognised by its
     block and re-encoded into today's int4; a block size of no format is refused by name."""

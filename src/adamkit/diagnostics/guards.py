@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from adamkit.diagnostics.signals import RollingStats
+from adamkit.diagnostics.signals import RollingStats, loss_value
 
 logger = logging.getLogger("adamkit")
 
@@ -67,6 +67,8 @@ class SpikeGuard:
         warmup: int = 64,
         watch: tuple[str, ...] = ("grad_norm", "loss"),
     ) -> None:
+        if not isinstance(optimizer, Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer)}")
         unknown = set(watch) - {"grad_norm", "loss"}
         if unknown:
             raise ValueError(f"Invalid watch={watch!r}: expected 'grad_norm' and/or 'loss'")
@@ -91,7 +93,7 @@ class SpikeGuard:
 
     def observe(self, *, loss: float | Tensor) -> None:
         """The loss of the coming step (several calls before one step are averaged)."""
-        self._pending_loss.append(loss.detach() if isinstance(loss, Tensor) else float(loss))
+        self._pending_loss.append(loss_value(loss))
 
     def remove(self) -> None:
         """Detach from the optimizer."""

@@ -282,13 +282,25 @@ class Monitor:
             raise ValueError(f"Invalid every={every!r}: must be an int >= 1")
         if exact not in EXACT_MODES:
             raise ValueError(f"Invalid exact={exact!r}: must be one of {EXACT_MODES}")
+        if isinstance(loss_window, bool) or not isinstance(loss_window, int) or loss_window < 2:
+            raise ValueError(f"Invalid loss_window={loss_window!r}: must be an int >= 2")
+        if keep is not None and (isinstance(keep, bool) or not isinstance(keep, int) or keep < 1):
+            raise ValueError(f"Invalid keep={keep!r}: must be None or an int >= 1")
+        for sink in sinks:
+            if not callable(getattr(sink, "write", None)) or not callable(
+                getattr(sink, "close", None)
+            ):
+                raise TypeError(
+                    f"Invalid sink {sink!r}: a sink needs write(record) and close() "
+                    "(adamkit.diagnostics.JSONLSink, CSVSink, TensorBoardSink)"
+                )
         self.optimizer = optimizer
         self.exact = exact
         self.every = every
         self.sinks = list(sinks)
         self.tensors = tensors
         self.keep = keep
-        self._names_arg = list(names) if _is_pair_iterator(names) else names
+        self._names_arg = _name_pairs(names)
         config = AlertConfig.resolve(alerts)
         self._engine = AlertEngine(config, every) if config is not None else None
         self.alerts: list[Alert] = []
@@ -297,7 +309,7 @@ class Monitor:
         self._calls = 0
         self._pending_loss: list[Any] = []
         self._loss_queue: list[tuple[int, list[Any]]] = []
-        self._loss_stats = S.RollingStats(max(loss_window, 2), 2)
+        self._loss_stats = S.RollingStats(loss_window, 2)
         self._last_loss: float | None = None
         self._snapshot: _Snapshot | None = None
         self._layout: Layout | None = None
@@ -319,15 +331,7 @@ class Monitor:
 
     def observe(self, *, loss: float | Tensor) -> None:
         """Feed the loss of the coming step (several calls before one step are averaged)."""
-        if isinstance(loss, Tensor):
-            if loss.numel() != 1:
-                raise ValueError(
-                    f"loss must be a scalar, got a tensor of shape {tuple(loss.shape)}"
-                )
-            loss = loss.detach()
-        else:
-            loss = float(loss)
-        self._pending_loss.append(loss)
+        self._pending_loss.append(S.loss_value(loss))
 
     def latest(self) -> dict[str, Any] | None:
         """The last record (None before the first sampled step)."""
@@ -991,10 +995,26 @@ def _sample_stands_for_moments(row: _Row) -> bool:
     return row.vmax is None and (row.sampler.shards is not None or row.shards is None)
 
 
-def _is_pair_iterator(names: Any) -> bool:
-    """A one-shot iterator of (name, param) pairs, e.g. ``model.named_parameters()``."""
-    return (
-        names is not None
-        and not isinstance(names, (nn.Module, list, tuple, dict))
-        and isinstance(names, Iterable)
-    )
+def _name_pairs(names: Any) -> nn.Module | list[tuple[str, Tensor]] | None:
+    """``names`` as :func:`param_names` takes it: None, a module, or a list of (name, param)
+    pairs (from pairs such as ``model.named_parameters()``, a one-shot iterator read once
+    here, or a dict of name -> param). Anything else is refused here, not at the first step."""
+    if names is None or isinstance(names, nn.Module):
+        return names
+    if isinstance(names, dict):
+        names = names.items()
+    if isinstance(names, (str, bytes)) or not isinstance(names, Iterable):
+        raise TypeError(
+            "names must be an nn.Module, (name, param) pairs such as model.named_parameters() "
+            f"or a dict of name -> param, got {type(names).__name__}"
+        )
+    pairs = list(names)
+    for pair in pairs:
+        if (
+            not isinstance(pair, (tuple, list))
+            or len(pair) != 2
+            or not isinstance(pair[0], str)
+            or not isinstance(pair[1], Tensor)
+        ):
+            raise TypeError(f"names must hold (name, param) pairs, got the entry {pair!r:.80}")
+    return [tuple(pair) for pair in pairs]

@@ -71,6 +71,7 @@ is exact; see :mod:`adamkit.diagnostics.monitor`.
 from __future__ import annotations
 
 import math
+import numbers
 from collections import deque
 from collections.abc import Sequence
 from typing import NamedTuple
@@ -648,6 +649,21 @@ def use_exact_rows(
 
 # ---------------------------------------------------------------------------------------------
 # the loss and other scalar series
+
+
+def loss_value(loss: object) -> float | Tensor:
+    """A loss given to ``observe(loss=...)``, as it is kept until the step reads it: a real
+    number as a float, a one-element tensor detached (read with the step's other numbers, so
+    that observing costs no sync). Anything else is refused, naming ``loss``."""
+    if isinstance(loss, Tensor):
+        if loss.numel() != 1:
+            raise ValueError(f"loss must be a scalar, got a tensor of shape {tuple(loss.shape)}")
+        if loss.is_complex():
+            raise ValueError(f"loss must be real, got a tensor of dtype {loss.dtype}")
+        return loss.detach()
+    if isinstance(loss, bool) or not isinstance(loss, numbers.Real):
+        raise TypeError(f"loss must be a real number or a one-element tensor, got {loss!r}")
+    return float(loss)
 
 
 class RollingStats:
