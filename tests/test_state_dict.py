@@ -96,3 +96,130 @@ def test_load_rejects_mismatched_groups() -> None:
     other = adamkit.AdamW([torch.randn(3, requires_grad=True), torch.randn(2, requires_grad=True)])
     with pytest.raises(ValueError):
         opt.load_state_dict(other.state_dict())
+
+
+def _stepped(state_dtype, amsgrad=False):
+    torch.manual_seed(0)
+    params = [torch.randn(80, 64, requires_grad=True), torch.randn(80, requires_grad=True)]
+    opt = adamkit.AdamW(params, state_dtype=state_dtype, min_quantized_size=0, amsgrad=amsgrad)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    return params, opt
+
+
+def _truncated(sd, key):
+    sd["state"][0][key] = sd["state"][0][key][:5]
+
+
+def _retyped(sd, key):
+    sd["state"][0][key] = sd["state"][0][key].float() + 0.5
+
+
+def _blocks_cut(sd, key):  # codes and scales of 5 blocks: a format's ratio, too few blocks
+    sd["state"][0][key] = sd["state"][0][key][: 5 * 256]
+    sd["state"][0][key.replace("_codes", "_absmax")] = sd["state"][0][key.replace(
+        "_codes", "_absmax")][:5]  # fmt: skip
+
+
+def _dropped(sd, key):
+    del sd["state"][0][key]
+
+
+CORRUPTIONS = [  # fmt: skip
+    (
+        None,
+        "exp_avg",
+        _truncated,
+        r"\[0\] does not fit param 0 of shape \(80, 64\): exp_avg: 320 entries for a param of "
+        r"5120 \(shape \(5, 64\)\)",
+    ),
+    ("bfloat16", "exp_avg_sq", _truncated, r"exp_avg_sq: 320 entries for a param of 5120"),
+    (None, "exp_avg_sq", _retyped, None),  # fp32 -> fp32 + 0.5: a float moment is taken
+    (
+        "int8",
+        "exp_avg_codes",
+        _retyped,
+        r"exp_avg_codes: expected uint8 codes, got "
+        r"torch.float32",
+    ),
+    (
+        "int8",
+        "exp_avg_sq_absmax",
+        _truncated,
+        r"exp_avg_sq_codes: 1024 bytes of codes per "
+        r"block scale match no adamkit format",
+    ),
+    (
+        "int8",
+        "exp_avg_sq_codes",
+        _blocks_cut,
+        r"exp_avg_sq_codes, exp_avg_sq_absmax: 1280 bytes of codes and 5 scales for a param of "
+        r"5120 entries, which takes 5120 and 20 \(int8, block 256\)",
+    ),
+    (
+        "int4",
+        "exp_avg_int4_codes",
+        _truncated,
+        r"exp_avg_int4_codes: 0 bytes of codes per "
+        r"block scale match no adamkit format",
+    ),
+    (
+        "int8",
+        "exp_avg_codes",
+        _dropped,
+        r"has exp_avg_sq but no exp_avg \(in any format\) for param 0",
+    ),
+    (None, "exp_avg_sq", _dropped, r"has exp_avg but no exp_avg_sq"),
+]
+
+
+@pytest.mark.parametrize(("state_dtype", "key", "corrupt", "message"), CORRUPTIONS)
+def test_a_state_dict_that_does_not_fit_is_refused_and_changes_nothing(
+    state_dtype, key, corrupt, message
+) -> None:
+    """The error names the entry, the param and what is wrong; the optimizer keeps its state
+    and groups object for object and value for value, and steps on as if never asked."""
+    params, opt = _stepped(state_dtype)
+    twin_params, twin = _stepped(state_dtype)
+    sd = opt.state_dict()
+    bad = {"state": {i: dict(e) for i, e in sd["state"].items()}, "param_groups": [
+        {**g, "lr": 0.5} for g in sd["param_groups"]]}  # fmt: skip
+    corrupt(bad, key)
+    state_before, groups_before = opt.state, opt.param_groups
+    if message is None:
+        opt.load_state_dict(bad)  # a float moment of the right size loads (and is used)
+        assert opt.param_groups[0]["lr"] == 0.5
+        return
+    with pytest.raises(ValueError, match=message):
+        opt.load_state_dict(bad)
+    assert opt.state is state_before and opt.param_groups is groups_before
+    assert opt.param_groups[0]["lr"] == twin.param_groups[0]["lr"] != 0.5
+    for p, q in zip(params, twin_params):
+        for k, v in opt.state[p].items():
+            assert torch.equal(v, twin.state[q][k]), k
+    for ps, o in ((params, opt), (twin_params, twin)):
+        for p in ps:
+            p.grad = torch.ones_like(p)
+        o.step()
+    for p, q in zip(params, twin_params):
+        assert torch.equal(p, q)
+
+
+def test_an_amsgrad_checkpoint_without_its_running_max_still_loads() -> None:
+    """max_exp_avg_sq may be missing (a plain Adam checkpoint resumed with AMSGrad): the
+    running max then starts from the loaded v, as when amsgrad is switched on mid-run."""
+    _, opt = _stepped(None, amsgrad=True)
+    sd = opt.state_dict()
+    saved_v = [entry["exp_avg_sq"].clone() for entry in sd["state"].values()]
+    for entry in sd["state"].values():
+        del entry["max_exp_avg_sq"]
+    _, fresh = _stepped(None, amsgrad=True)
+    fresh.load_state_dict(sd)
+    params = fresh.param_groups[0]["params"]
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    fresh.step()  # zero gradients: v shrinks by beta2, the max keeps the loaded v
+    for p, v in zip(params, saved_v):
+        assert torch.equal(fresh.state[p]["max_exp_avg_sq"], v)
+        assert (fresh.state[p]["exp_avg_sq"] < v).any()

@@ -561,18 +561,33 @@ class Adam(Optimizer):
         Compact codes and scales are taken back exactly; float moments (torch's layout) are
         re-encoded into this optimizer's storage format. torch's own loader would cast every
         floating-point value to the param's dtype, so the moments are restored here instead.
+
+        Every entry is checked against its param first (moments of the param's size, codes
+        of uint8 with one scale per block, m and v together: :func:`_check_saved_entry`); an
+        entry that does not fit raises ``ValueError`` naming it, and any failure while loading
+        leaves the optimizer's state and groups as they were.
         """
         saved = {k: dict(v) for k, v in state_dict["state"].items()}
-        super().load_state_dict(state_dict)
         # saved ids are what the saved groups list (ints, or FQNs from get_state_dict), by
         # position, as torch matches them
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         index_to_param = dict(zip(saved_ids, (p for g in self.param_groups for p in g["params"])))
-        for index, entry in saved.items():
+        for index, entry in saved.items():  # every entry checked before anything changes
             param = index_to_param.get(index)
-            if param is None or param not in self.state:
-                continue
-            self._adopt_state(param, entry)
+            if param is not None and not is_dtensor(param):
+                _check_saved_entry(index, param, entry)
+        old_state, old_groups = self.state, self.param_groups
+        try:
+            super().load_state_dict(state_dict)
+            for index, entry in saved.items():
+                param = index_to_param.get(index)
+                if param is None or param not in self.state:
+                    continue
+                self._adopt_state(param, entry)
+        except BaseException:  # torch's load builds new state and groups: put the old back
+            self.state, self.param_groups = old_state, old_groups
+            self._invalidate_plans()
+            raise
 
     def _adopt_state(self, param: Tensor, saved: dict[str, Tensor]) -> None:
         """Rebuild ``param``'s moments from a saved entry, in this optimizer's format.
@@ -600,6 +615,33 @@ class Adam(Optimizer):
             value = source.decode(saved, key, real.shape, compute_dtype(param))
             state.update(codec.allocate(param, key))
             codec.encode_(state, key, value.to(param.device))
+
+
+def _check_saved_entry(index: object, param: Tensor, entry: dict[str, Any]) -> None:
+    """Refuse a saved state entry that cannot be ``param``'s, naming it: moments of another
+    size or element type (each format checks its own: ``check_saved``), or one of m and v
+    without the other. ``max_exp_avg_sq`` may be missing (AMSGrad starts it from v)."""
+    entry = flatten_blocks(entry)
+    numel = param.numel() * (2 if param.is_complex() else 1)
+    found = {}
+    try:
+        for key in MOMENT_KEYS:
+            source = infer_codec(entry, key)
+            if source is not None:
+                source.check_saved(entry, key, numel)
+                found[key] = source
+    except ValueError as e:
+        raise ValueError(
+            f"state_dict['state'][{index!r}] does not fit param {index!r} of shape "
+            f"{tuple(param.shape)}: {e}"
+        ) from None
+    pair = ("exp_avg", "exp_avg_sq")
+    if len([k for k in pair if k in found]) == 1:
+        missing = next(k for k in pair if k not in found)
+        raise ValueError(
+            f"state_dict['state'][{index!r}] has {', '.join(found)} but no {missing} (in any "
+            f"format) for param {index!r} of shape {tuple(param.shape)}"
+        )
 
 
 class AdamW(Adam):

@@ -53,6 +53,20 @@ class FloatCodec:
         return {key: zeros}
 
     @staticmethod
+    def check_saved(saved: dict, key: str, numel: int) -> None:
+        """Refuse a saved moment ``key`` that cannot be a param's of ``numel`` real entries:
+        not a floating-point (or complex) tensor, or another number of entries."""
+        t = saved[key]
+        if not isinstance(t, Tensor) or not (t.is_floating_point() or t.is_complex()):
+            what = t.dtype if isinstance(t, Tensor) else type(t).__name__
+            raise ValueError(f"{key}: expected a floating-point tensor, got {what}")
+        if real_view(t).numel() != numel:
+            raise ValueError(
+                f"{key}: {real_view(t).numel()} entries for a param of {numel} "
+                f"(shape {tuple(t.shape)})"
+            )
+
+    @staticmethod
     def decode(state: dict, key: str, shape: torch.Size, dtype: torch.dtype) -> Tensor:
         """The moment in the compute dtype, shaped like the param's real view (no copy if fp32)."""
         return real_view(state[key]).to(dtype)

@@ -71,6 +71,29 @@ class BlockwiseCodec:
         layout), so that its codes convert to this codec's exactly."""
         return isinstance(other, BlockwiseCodec) and replace(other, packing=self.packing) == self
 
+    def check_saved(self, saved: dict, key: str, numel: int) -> None:
+        """Refuse saved codes and scales of moment ``key`` that cannot be a param's of ``numel``
+        entries in this format: codes not uint8, scales not floating-point, or other counts
+        than ``ceil(numel / block)`` scales and ``bits / 8 * block`` bytes of codes each."""
+        codes_key, absmax_key = self.state_keys(key)
+        codes, absmax = saved[codes_key], saved.get(absmax_key)
+        if not isinstance(codes, Tensor) or codes.dtype != torch.uint8:
+            what = codes.dtype if isinstance(codes, Tensor) else type(codes).__name__
+            raise ValueError(f"{codes_key}: expected uint8 codes, got {what}")
+        if not isinstance(absmax, Tensor) or not absmax.is_floating_point():
+            what = absmax.dtype if isinstance(absmax, Tensor) else type(absmax).__name__
+            raise ValueError(f"{absmax_key}: expected floating-point block scales, got {what}")
+        blocks = blockwise.num_blocks(numel, self.block)
+        if absmax.numel() != blocks or codes.numel() != blockwise.code_bytes(
+            numel, self.block, self.bits
+        ):
+            raise ValueError(
+                f"{codes_key}, {absmax_key}: {codes.numel()} bytes of codes and "
+                f"{absmax.numel()} scales for a param of {numel} entries, which takes "
+                f"{blockwise.code_bytes(numel, self.block, self.bits)} and {blocks} "
+                f"({self.name}, block {self.block})"
+            )
+
     def adopt(self, source: BlockwiseCodec, saved: dict, key: str, device) -> dict[str, Tensor]:
         """The state entries of moment ``key`` from ``saved`` codes of ``source`` (a codec of
         :meth:`same_levels`): copied, or repacked from another byte layout, bit for bit."""
