@@ -223,3 +223,31 @@ def test_an_amsgrad_checkpoint_without_its_running_max_still_loads() -> None:
     for p, v in zip(params, saved_v):
         assert torch.equal(fresh.state[p]["max_exp_avg_sq"], v)
         assert (fresh.state[p]["exp_avg_sq"] < v).any()
+
+
+@pytest.mark.parametrize("step", [-1.0, float("nan"), float("inf")])
+def test_a_step_count_that_is_no_count_is_refused(step) -> None:
+    params, opt = _stepped(None)
+    sd = opt.state_dict()
+    sd = {"state": {i: dict(e) for i, e in sd["state"].items()}, "param_groups": sd["param_groups"]}
+    sd["state"][1]["step"] = torch.tensor(step)
+    state_before = opt.state
+    with pytest.raises(ValueError, match=r"state_dict\['state'\]\[1\]\['step'\] = tensor\("):
+        opt.load_state_dict(sd)
+    assert opt.state is state_before and opt.state[params[1]]["step"].item() == 1
+
+
+@pytest.mark.parametrize("state_dtype", [None, "int8"])
+def test_non_finite_moments_load_with_a_warning_that_counts_them(state_dtype) -> None:
+    """A checkpoint whose moments hold inf/NaN loads as it is (to be inspected), never
+    silently: a RuntimeWarning names the entry and counts the values."""
+    params, opt = _stepped(state_dtype)
+    sd = opt.state_dict()
+    key = "exp_avg" if state_dtype is None else "exp_avg_absmax"
+    sd["state"][0][key] = sd["state"][0][key].clone()
+    sd["state"][0][key].view(-1)[:3] = torch.tensor([float("nan"), float("inf"), 1.0])
+    _, fresh = _stepped(state_dtype)
+    with pytest.warns(RuntimeWarning, match=r"\['state'\]\[0\] holds 2 non-finite values"):
+        fresh.load_state_dict(sd)
+    loaded = fresh.state[fresh.param_groups[0]["params"][0]][key]
+    assert int((~torch.isfinite(loaded)).sum()) == 2

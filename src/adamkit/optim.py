@@ -7,6 +7,8 @@ calls :func:`adamkit.rule.adam_update`. See :mod:`adamkit.rule` for the exact eq
 
 from __future__ import annotations
 
+import math
+import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -635,6 +637,24 @@ def _check_saved_entry(index: object, param: Tensor, entry: dict[str, Any]) -> N
             f"state_dict['state'][{index!r}] does not fit param {index!r} of shape "
             f"{tuple(param.shape)}: {e}"
         ) from None
+    step = entry.get("step")
+    if step is not None:
+        value = float(step.float().reshape(-1)[0]) if isinstance(step, Tensor) else step
+        if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            raise ValueError(
+                f"state_dict['state'][{index!r}]['step'] = {step!r} for param {index!r}: "
+                "expected a finite count >= 0"
+            )
+    floats = [t for t in entry.values() if isinstance(t, Tensor) and t.is_floating_point()]
+    bad = sum(int((~torch.isfinite(t)).sum()) for t in floats)
+    if bad:
+        warnings.warn(
+            f"state_dict['state'][{index!r}] holds {bad} non-finite values (inf or NaN) for "
+            f"param {index!r} of shape {tuple(param.shape)}: they are loaded as they are and "
+            "will spread into the param at its next step",
+            RuntimeWarning,
+            stacklevel=3,
+        )
     pair = ("exp_avg", "exp_avg_sq")
     if len([k for k in pair if k in found]) == 1:
         missing = next(k for k in pair if k not in found)
