@@ -706,6 +706,78 @@ def test_truncated_bf16_conversions_change_no_bit(monkeypatch) -> None:
     assert ps[-1].dtype == torch.bfloat16
 
 
+def _hoisted_above_a_sized_loop(source: str) -> bool:
+    """Whether a definition sits right above a loop up to a kernel size (``ks0``; its pragma
+    between them in parallel code): inductor writes a ``{`` there, only the hoisting of such
+    a loop puts lines in front of one."""
+    lines = [line.strip() for line in source.split("\n") if "#pragma" not in line]
+    sized = re.compile(
+        r"^for\(int64_t x\d+=static_cast<int64_t>\(0L\); x\d+<static_cast<int64_t>\(ks"
+    )
+    return any(a.startswith("auto ") and sized.match(b) for a, b in zip(lines, lines[1:]))
+
+
+def test_masked_moves_logical_shifts_affine_indices_and_sized_hoisting_change_no_bit(
+    monkeypatch,
+) -> None:
+    """With kernels.MASKED_MOVES, LOGICAL_SHIFTS, AFFINE_INDICES (adamkit.execution.masks,
+    shifts, indices: stochastic rounding's guard, hash shifts and hashed indices) and
+    HOIST_SIZED_LOOPS (the flat loops' invariants) the params and the bf16 and int8 state are
+    those of the kernels without them, bit for bit, over steps whose values span many binades
+    (values at the largest bf16 too, where the guard adds no noise), and every pass applied."""
+    from adamkit.execution.indices import MACRO as INDEX
+    from adamkit.execution.masks import MACRO as MASK
+    from adamkit.execution.shifts import MACRO as SHIFT
+
+    def run():
+        shapes = [(40, 77), (3, 1000)]
+        ps = _model(shapes)
+        sr = [p.detach().to(torch.bfloat16).requires_grad_() for p in _model(shapes, seed=1)]
+        q8 = _model([(9, 300)], seed=2)
+        opt = adamkit.AdamW(
+            [
+                {"params": ps, "state_dtype": "bfloat16"},
+                {"params": sr},
+                {"params": q8, "state_dtype": "int8"},
+            ],  # fmt: skip
+            lr=1e-2,
+            weight_decay=0.1,
+            backend="compiled",
+            stochastic_rounding=True,
+            min_quantized_size=0,
+        )
+        for step in range(4):
+            gen = torch.Generator().manual_seed(100 + step)
+            for p in ps + sr + q8:
+                grad = torch.randn(p.shape, generator=gen) * 10.0 ** (3 * step - 6)
+                p.grad = grad.to(p.dtype)
+            if step == 3:  # v of a few entries past the largest finite bf16: (0.001 g) g
+                ps[0].grad.view(-1)[:5] = 5.83e20
+            opt.step()
+        assert all(plan.eager == [] for plan in opt._executor._plans.values())
+        return ps + sr + q8, opt
+
+    on = {"MASKED_MOVES": True, "LOGICAL_SHIFTS": True, "AFFINE_INDICES": True}
+    runs, applied = _variants(
+        monkeypatch,
+        [{**on, "HOIST_SIZED_LOOPS": True}, {k: False for k in (*on, "HOIST_SIZED_LOOPS")}],
+        {
+            "masked_moves": lambda out, src: MASK + "2(" in out,
+            "logical_shifts": lambda out, src: SHIFT + "1(" in out and SHIFT + "2(" in out,
+            "affine_indices": lambda out, src: INDEX + "1(" in out and INDEX + "2(" in out,
+            "hoist_invariants": lambda out, src: _hoisted_above_a_sized_loop(out),
+        },
+        run,
+    )
+    assert applied == dict.fromkeys(
+        ("masked_moves", "logical_shifts", "affine_indices", "hoist_invariants"), True
+    )
+    _assert_same_bits(*runs)
+    ps, opt = runs[0]
+    v = opt.state[ps[0]]["exp_avg_sq"].float().view(-1)[:5]
+    assert torch.isfinite(v).all() and (v == torch.finfo(torch.bfloat16).max).all()
+
+
 def test_byte_shifts_and_integer_reductions_change_no_bit(monkeypatch) -> None:
     """With kernels.CONSTANT_BYTE_SHIFTS (adamkit.execution.byteshift: the int4 codes' packing
     shift as a 16-bit shift and a mask) and kernels.INTEGER_REDUCTIONS (adamkit.execution.maxima:

@@ -72,9 +72,66 @@ def test_scalar_loads_and_what_derives_from_them_move_in_front_of_the_row_loop()
 
 def test_loops_without_literal_bounds_or_a_full_step_are_left_as_written():
     dynamic = ROW_LOOP.replace("x1<static_cast<int64_t>(256L)", "x1<static_cast<int64_t>(ks1)")
-    assert hoist_invariants(dynamic) == dynamic
+    assert hoist_invariants(dynamic, sized=False) == dynamic
     short = ROW_LOOP.replace("x1<static_cast<int64_t>(256L)", "x1<static_cast<int64_t>(8L)")
     assert hoist_invariants(short) == short
+    bound = ROW_LOOP.replace("x1<static_cast<int64_t>(256L)", "x1<static_cast<int64_t>(n + 1)")
+    assert hoist_invariants(bound) == bound  # a bound that is neither literal nor a size
+
+
+FLAT_LOOP = textwrap.dedent(
+    """    {
+        #pragma omp for schedule(static) nowait
+        for(int64_t x0=static_cast<int64_t>(0L); x0<static_cast<int64_t>(ks0); x0+=static_cast<int64_t>(32L))
+        {
+            {
+                if(C10_LIKELY(x0 >= static_cast<int64_t>(0) && x0 < static_cast<int64_t>(32L*(c10::div_floor_integer(static_cast<int64_t>(ks0), static_cast<int64_t>(32L))))))
+                {
+                    auto tmp0 = at::vec::VectorizedN<float,2>::loadu(out_ptr3 + static_cast<int64_t>(x0), static_cast<int64_t>(32));
+                    auto tmp1 = in_ptr1[static_cast<int64_t>(4L)];
+                    auto tmp2 = at::vec::VectorizedN<float,2>(tmp1);
+                    auto tmp3 = tmp0 * tmp2;
+                    auto tmp4 = in_ptr2[static_cast<int64_t>(ks1)];
+                    auto tmp5 = in_ptr1[static_cast<int64_t>(x0)];
+                    auto tmp6 = static_cast<float>(1.0);
+                    auto tmp7 = float(tmp6 - tmp1);
+                    tmp3.store(out_ptr3 + static_cast<int64_t>(x0));
+                }
+                if(C10_UNLIKELY(x0 >= static_cast<int64_t>(32L*(c10::div_floor_integer(static_cast<int64_t>(ks0), static_cast<int64_t>(32L)))) && x0 < static_cast<int64_t>(ks0)))
+                {
+                    auto tmp1 = in_ptr1[static_cast<int64_t>(4L)];
+                }
+            }
+        }
+    }"""
+)
+
+
+def test_a_loop_over_a_kernel_size_moves_only_loads_at_a_literal_index():
+    """A flat loop up to ``ks0`` may run no iteration: what moves in front of it (above its
+    pragma) is what reads only entries at a literal index of an input (the step's table) and
+    what derives from those; a load at a size or at the loop index stays. ``sized=False``
+    leaves the loop as written."""
+    out = _lines(hoist_invariants(FLAT_LOOP))
+    pragma = out.index("#pragma omp for schedule(static) nowait")
+    moved = [
+        "auto tmp1 = in_ptr1[static_cast<int64_t>(4L)];",
+        "auto tmp2 = at::vec::VectorizedN<float,2>(tmp1);",
+        "auto tmp6 = static_cast<float>(1.0);",
+        "auto tmp7 = float(tmp6 - tmp1);",
+    ]
+    assert out[pragma - len(moved) : pragma] == moved
+    assert out[pragma + 1].startswith("for(int64_t x0=")
+    body = out[pragma + 1 :]
+    for kept in (
+        "auto tmp4 = in_ptr2[static_cast<int64_t>(ks1)];",
+        "auto tmp5 = in_ptr1[static_cast<int64_t>(x0)];",
+        "auto tmp3 = tmp0 * tmp2;",
+        "auto tmp1 = in_ptr1[static_cast<int64_t>(4L)];",  # the tail's own, left alone
+    ):
+        assert kept in body
+    assert body.count("auto tmp1 = in_ptr1[static_cast<int64_t>(4L)];") == 1
+    assert hoist_invariants(FLAT_LOOP, sized=False) == FLAT_LOOP
 
 
 def test_a_loop_with_an_inner_loop_or_a_lambda_keeps_those_lines():

@@ -9,13 +9,18 @@ scalars again, broadcast them to vectors, and recomputed what depends on them on
 scalar divisions ``1 / absmax`` among them). :func:`hoist_invariants` moves those lines in
 front of the loop, where the compiler computes them once per row. Measured on int8 slots of
 4.2M elements, 2 threads: 162 -> 117 instructions per 16 elements in the main loop, 0.51-0.58
--> 0.45-0.50 ms per million params (docs/benchmarks.md, session 13).
+-> 0.45-0.50 ms per million params (docs/benchmarks.md, session 13); the flat loops of the
+bf16-state kernel, 146 -> 118 instructions per 32 elements (session 23).
 
 A line moves only when all of this holds, so that the moved code runs exactly what the first
 iteration ran, on the same values:
 
 - its loop is innermost and has literal bounds and step, with at least one full step (it runs,
-  and its first iteration takes the main, non-tail branch);
+  and its first iteration takes the main, non-tail branch); or it runs from 0 to a size
+  argument of the kernel (``ks0``: the flat loops of the float-state kernels, which may run no
+  iteration, or only the tail branch), and then a load moves only from a literal index (an
+  entry of the step's table, which the kernel is always given), so that what runs in front of
+  the loop reads nothing the loop would not have been allowed to read;
 - the line sits in the loop body itself or in its ``if(C10_LIKELY(...))`` branch, not inside
   a tail branch, another condition or a lambda;
 - its right-hand side names no loop variable of this loop and no name assigned in the loop,
@@ -42,23 +47,30 @@ from adamkit.execution.cpp_source import (
 _ASSIGNED = re.compile(r"^\s*(?:[\w:<>,]+\s+)?(\w+)\s*=[^=]")
 _SCALAR_LOAD = re.compile(r"^((?:in_out|in|out)_ptr\d+)\[static_cast<int64_t>\(([^\[\]]*)\)\]$")
 _IDENTIFIER = re.compile(r"\b[A-Za-z_]\w*\b")
+_LITERAL_INDEX = re.compile(r"^\d+L?$")
+_SIZED_FOR = re.compile(
+    r"^\s*for\(int64_t (x\d+)=static_cast<int64_t>\((0)L\); \1<static_cast<int64_t>"
+    r"\((ks\d+)\); \1\+=static_cast<int64_t>\((\d+)L\)\)\s*$"
+)
+"""A loop from 0 to a size argument of the kernel (``ks0``): it may run no iteration."""
 _TMP = re.compile(r"\btmp\d+\b")
 
 
-def hoist_invariants(source: str) -> str:
+def hoist_invariants(source: str, sized: bool = True) -> str:
     """``source`` with the loop-invariant lines of its qualifying loops moved in front of
-    them (see the module docstring)."""
+    them (see the module docstring); ``sized``: loops over a kernel size (``ks0``) too."""
     lines = source.split("\n")
     inserts: dict[int, list[str]] = {}
     moved: set[int] = set()
     declared: dict[int, set[str]] = {}  # names declared in a block (by its opening line)
     for i, line in enumerate(lines):
-        found = LITERAL_FOR.match(line)
+        found = LITERAL_FOR.match(line) or (_SIZED_FOR.match(line) if sized else None)
         if found is None or i + 1 >= len(lines) or lines[i + 1].strip() != "{":
             continue
         var, start, end, step = found.groups()
         pad = indent(line)
-        if int(end) - int(start) < int(step):
+        sized = not end.lstrip("-").isdigit()  # a bound of the kernel's sizes (ks0): may not run
+        if not sized and int(end) - int(start) < int(step):
             continue
         close = block_end(lines, i + 1)
         if close is None:
@@ -69,7 +81,7 @@ def hoist_invariants(source: str) -> str:
         scope = enclosing_block(lines, i)
         if scope not in declared:
             declared[scope] = _declared_in(lines, scope)
-        take = _invariant_lines(lines, body, var, declared[scope])
+        take = _invariant_lines(lines, body, var, declared[scope], literal_loads=sized)
         if not take:
             continue
         at = i
@@ -103,9 +115,12 @@ def _declared_in(lines: list[str], scope: int) -> set[str]:
     return names
 
 
-def _invariant_lines(lines: list[str], body: range, var: str, taken: set[str]) -> list[int]:
+def _invariant_lines(
+    lines: list[str], body: range, var: str, taken: set[str], literal_loads: bool = False
+) -> list[int]:
     """Indices of the lines of ``body`` (a loop over ``var``) that may move in front of it,
-    none declaring a name of ``taken`` (names the enclosing block already declares)."""
+    none declaring a name of ``taken`` (names the enclosing block already declares); with
+    ``literal_loads``, loads only at a literal index (a loop that may not run)."""
     own_var = re.compile(rf"\b{var}(?!\d)")
     assigned = {m.group(1) for k in body if (m := _ASSIGNED.match(lines[k]))}
     # pointers named anywhere but on a line that only loads a scalar from them (stores, vector
@@ -127,6 +142,8 @@ def _invariant_lines(lines: list[str], body: range, var: str, taken: set[str]) -
             pointer, rest = load.groups()
             if pointer in other_uses:
                 continue  # the loop stores through it (or reads it otherwise)
+            if literal_loads and not _LITERAL_INDEX.match(rest):
+                continue
         elif POINTER.search(rhs) or "[" in rhs:
             continue
         else:

@@ -39,12 +39,15 @@ from adamkit.execution.byteshift import constant_byte_shifts
 from adamkit.execution.contraction import contract_sums
 from adamkit.execution.eager import write_param_
 from adamkit.execution.hoisting import hoist_invariants
+from adamkit.execution.indices import affine_indices
 from adamkit.execution.localizing import hoist_row_loops, localize_row_temps
+from adamkit.execution.masks import masked_moves
 from adamkit.execution.maxima import integer_maxima, integer_reductions
 from adamkit.execution.merging import merge_sum_loops
 from adamkit.execution.multi_tensor import moment_keys
 from adamkit.execution.scratch import keep_scratch
 from adamkit.execution.sharing import share_row_values
+from adamkit.execution.shifts import logical_shifts
 from adamkit.execution.truncation import truncate_exact_bf16
 from adamkit.rule import StepScalars, UpdateFlags, adam_update, step_scalars
 from adamkit.storage.rounding import ShardKey
@@ -574,7 +577,9 @@ CODEGEN_PATCHES = (
     "signal wrappers keep their scratch buffers (a Scratch per wrapper; any derived name "
     "that is returned keeps its buffers out; tables of rows of <= 16 kept; Scratch.get "
     "called in the wrapper), exact bf16 conversions truncated, byte shifts by a constant "
-    "as 16-bit shifts, block maxima reduced as int32 maxima, fused row loops cut per tensor"
+    "as 16-bit shifts, block maxima reduced as int32 maxima, fused row loops cut per tensor, "
+    "blends of zero by a float comparison as masked moves, masked shifts as logical shifts, "
+    "hashed indices as affine ramps, invariants hoisted from loops over a kernel size too"
 )
 """Names the changes this module makes to inductor's C++ code generation while it compiles
 (:func:`_copies_follow_lowp_tiling`, :func:`_vector_bitcasts`, :func:`_vector_aranges`,
@@ -612,6 +617,10 @@ def _codegen_marker(device: torch.device):
     shared += "" if TRUNCATE_EXACT_BF16 else "; bf16 conversions not truncated"
     shared += "" if CONSTANT_BYTE_SHIFTS else "; byte shifts emulated"
     shared += "" if INTEGER_REDUCTIONS else "; maxima reduced as floats"
+    shared += "" if MASKED_MOVES else "; blends by a comparison not masked"
+    shared += "" if LOGICAL_SHIFTS else "; masked shifts arithmetic"
+    shared += "" if AFFINE_INDICES else "; hashed indices multiplied"
+    shared += "" if HOIST_SIZED_LOOPS else "; loops over a size not hoisted"
     shared += f"; runs cut past {barriers.FUSED_LINES} lines"
     shared += f"; prefetch {PREFETCH_AHEAD} ahead"
     shared += " (float state too)" if PREFETCH_FLOAT_STATE else ""
@@ -775,11 +784,12 @@ def _prefetched_loads(ahead: int | None = None):
 
 
 def _rewritten_source():
-    """While compiling a kernel: nine passes over the C++ source inductor writes.
+    """While compiling a kernel: twelve passes over the C++ source inductor writes.
 
     - :func:`adamkit.execution.hoisting.hoist_invariants` moves the loop-invariant lines of
       innermost row loops (a block's scale, the step's scalars and what derives from them
-      alone) in front of the loop: computed once a row instead of every 16 elements;
+      alone) in front of the loop: computed once a row instead of every 16 elements; with
+      :data:`HOIST_SIZED_LOOPS`, the step's scalars of the flat loops up to a kernel size too;
     - :func:`adamkit.execution.merging.merge_sum_loops` (with :data:`MERGE_SUM_LOOPS`) puts a
       signals kernel's per-row sums into the loop that writes the row, given which pointer
       arguments name the same buffer (:func:`_pointer_buffers`);
@@ -805,14 +815,20 @@ def _rewritten_source():
       is provably zero (stochastic rounding's results) as truncations;
     - :func:`adamkit.execution.byteshift.constant_byte_shifts` (with
       :data:`CONSTANT_BYTE_SHIFTS`) writes shifts of byte vectors by a constant (int4 packing)
-      as a 16-bit shift and a mask.
+      as a 16-bit shift and a mask;
+    - :func:`adamkit.execution.masks.masked_moves` (with :data:`MASKED_MOVES`) writes
+      stochastic rounding's guard, a blend of zero by a float comparison, as a masked move;
+    - :func:`adamkit.execution.shifts.logical_shifts` (with :data:`LOGICAL_SHIFTS`) writes
+      the hash's ``(h >> k) & (2^(32-k) - 1)`` as one logical shift;
+    - :func:`adamkit.execution.indices.affine_indices` (with :data:`AFFINE_INDICES`) writes
+      the hash's ``(index + offset) * C`` as a scalar product and one vector add.
 
     Same values either way (the sums of squares: to float32 rounding). Without inductor's
     method (another torch version) nothing changes."""
 
     def replace(original):
         def define_kernel(self, src_code, *args, **kwargs):
-            source = hoist_invariants(src_code)
+            source = hoist_invariants(src_code, HOIST_SIZED_LOOPS)
             kernel_args = args[1] if len(args) > 1 else kwargs.get("kernel_args")
             buffers = _pointer_buffers(self, kernel_args)
             if MERGE_SUM_LOOPS:
@@ -835,6 +851,12 @@ def _rewritten_source():
                 source = truncate_exact_bf16(source)
             if CONSTANT_BYTE_SHIFTS:
                 source = constant_byte_shifts(source)
+            if MASKED_MOVES:
+                source = masked_moves(source)
+            if LOGICAL_SHIFTS:
+                source = logical_shifts(source)
+            if AFFINE_INDICES:
+                source = affine_indices(source)
             return original(self, source, *args, **kwargs)
 
         return define_kernel
@@ -902,6 +924,24 @@ timings switch it off)."""
 LOCALIZE_ROW_TEMPS = True
 """Whether :func:`_rewritten_source` keeps a row's temporaries on the stack
 (:mod:`adamkit.execution.localizing`; tests and A/B timings switch it off)."""
+
+MASKED_MOVES = True
+"""Whether :func:`_rewritten_source` writes blends of a broadcast zero by a float comparison
+as masked moves (:mod:`adamkit.execution.masks`; tests and A/B timings switch it off)."""
+
+LOGICAL_SHIFTS = True
+"""Whether :func:`_rewritten_source` writes ``(x >> k) & (2^(32-k) - 1)`` as logical shifts
+(:mod:`adamkit.execution.shifts`; tests and A/B timings switch it off)."""
+
+HOIST_SIZED_LOOPS = True
+"""Whether :func:`_rewritten_source` also hoists the invariants of loops whose bound is a kernel
+size (``ks0``: the flat loops of float-state kernels), loads at a literal index only
+(:func:`adamkit.execution.hoisting.hoist_invariants`; tests and A/B timings switch it off)."""
+
+AFFINE_INDICES = True
+"""Whether :func:`_rewritten_source` writes the hash's ``(index + offset) * C`` as a scalar
+product and one vector add (:mod:`adamkit.execution.indices`; tests and A/B timings switch it
+off)."""
 
 TRUNCATE_EXACT_BF16 = True
 """Whether :func:`_rewritten_source` writes the fp32 -> bf16 conversions of values whose low
