@@ -24,13 +24,16 @@ from __future__ import annotations
 
 import re
 
-from adamkit.execution.cpp_source import definition, guarded_rewrite
+from adamkit.execution.cpp_source import (
+    INT32_VECTORS,
+    broadcast_literal,
+    broadcast_name,
+    definition,
+    guarded_rewrite,
+)
 
 _PRODUCT = re.compile(r"^(\s*)auto ((?:s?tmp)\d+) = ((?:s?tmp)\d+) \* ((?:s?tmp)\d+);$")
 _SUM = re.compile(r"^((?:s?tmp)\d+) \+ ((?:s?tmp)\d+)$")
-_CLASSES = {"1": "at::vec::Vectorized<int32_t>", "2": "at::vec::VectorizedN<int32_t,2>"}
-_LITERAL = re.compile(r"^static_cast<int32_t>\((-?\d+)L?\)$")
-_NAME = re.compile(r"^(?:s?tmp\d+|x\d+)$")
 
 MACRO = "ADAMKIT_AFFINE_INDEX"
 """``MACRO{n}(s, o, c)``: the int32 lanes ``(s + o + i) * c`` modulo 2^32, ``i`` the lane,
@@ -82,49 +85,21 @@ def _affine(lines: list[str], k: int) -> str | None:
     pad, name, left, right = found.groups()
     for summed, factor in ((left, right), (right, left)):
         total = _SUM.match(definition(lines, summed, k) or "")
-        literal = _broadcast_literal(lines, factor, k)
+        literal = broadcast_literal(lines, factor, k)
         if total is None or literal is None:
             continue
         constant, width = literal
         for ramp, offset in (total.groups(), total.groups()[::-1]):
             start = _ramp_start(lines, ramp, width, k)
-            other = _broadcast_name(lines, offset, width, k)
+            other = broadcast_name(lines, offset, width, k)
             if start is not None and other is not None:
                 return f"{pad}auto {name} = {MACRO}{width}({start}, {other}, {constant});"
     return None
 
 
-def _unwrap(lines: list[str], name: str, width: str, at: int) -> str | None:
-    """``x`` of ``name = CLS(x)`` (``CLS`` the int32 vector class of ``width``), else None."""
-    cls = _CLASSES[width]
-    rhs = definition(lines, name, at) or ""
-    if rhs.startswith(f"{cls}(") and rhs.endswith(")"):
-        return rhs[len(cls) + 1 : -1]
-    return None
-
-
-def _broadcast_literal(lines: list[str], name: str, at: int) -> tuple[int, str] | None:
-    """(value, width) of an int32 vector broadcast from a literal (directly or by a name)."""
-    for width in _CLASSES:
-        inner = _unwrap(lines, name, width, at)
-        if inner is None:
-            continue
-        if _NAME.match(inner):
-            inner = definition(lines, inner, at) or ""
-        literal = _LITERAL.match(inner)
-        return (int(literal.group(1)), width) if literal else None
-    return None
-
-
-def _broadcast_name(lines: list[str], name: str, width: str, at: int) -> str | None:
-    """The int32 scalar (a name) broadcast into ``name``, when it is one."""
-    inner = _unwrap(lines, name, width, at)
-    return inner if inner is not None and _NAME.match(inner) else None
-
-
 def _ramp_start(lines: list[str], name: str, width: str, at: int) -> str | None:
     """``s`` of ``name = (CLS(s) + CLS::arange(0, 1))``, else None."""
-    cls = _CLASSES[width]
+    cls = INT32_VECTORS[width]
     rhs = definition(lines, name, at) or ""
     ramp = re.fullmatch(
         rf"\({re.escape(cls)}\(((?:s?tmp)\d+)\) \+ {re.escape(cls)}::arange\(0, 1\)\)", rhs

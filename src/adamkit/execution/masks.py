@@ -21,14 +21,13 @@ from __future__ import annotations
 
 import re
 
-from adamkit.execution.cpp_source import definition, guarded_rewrite
+from adamkit.execution.cpp_source import broadcast_literal, definition, guarded_rewrite
 
 _BLEND = re.compile(
     r"^(\s*)auto ((?:s?tmp)\d+) = decltype\(((?:s?tmp)\d+)\)::blendv\(((?:s?tmp)\d+), \3, "
     r"((?:s?tmp)\d+)\.template cast<int32_t,([12])>\(\)\);$"
 )
 _LESS = re.compile(r"^at::vec::VecMask<float,([12])>\(((?:s?tmp)\d+) < ((?:s?tmp)\d+)\)$")
-_ZERO = ("static_cast<int32_t>(0)", "static_cast<int32_t>(0L)")
 
 MACRO = "ADAMKIT_KEEP_LESS"
 """``MACRO{n}(x, a, b)``: the int32 lanes of ``x`` where ``a < b`` (floats), zero elsewhere,
@@ -63,18 +62,6 @@ def _masked_move(lines: list[str], k: int) -> str | None:
         return None
     pad, name, value, zero, mask, width = found.groups()
     less = _LESS.match(definition(lines, mask, k) or "")
-    if less is None or less.group(1) != width or not _broadcast_zero(lines, zero, width, k):
+    if less is None or less.group(1) != width or broadcast_literal(lines, zero, k) != (0, width):
         return None
     return f"{pad}auto {name} = {MACRO}{width}({value}, {less.group(2)}, {less.group(3)});"
-
-
-def _broadcast_zero(lines: list[str], name: str, width: str, at: int) -> bool:
-    """Whether ``name`` is an int32 vector of zeros, broadcast from a literal or a name."""
-    cls = "at::vec::Vectorized<int32_t>" if width == "1" else "at::vec::VectorizedN<int32_t,2>"
-    rhs = definition(lines, name, at) or ""
-    if not (rhs.startswith(f"{cls}(") and rhs.endswith(")")):
-        return False
-    value = rhs[len(cls) + 1 : -1]
-    if re.fullmatch(r"s?tmp\d+", value):
-        value = definition(lines, value, at) or ""
-    return value in _ZERO

@@ -19,12 +19,10 @@ from __future__ import annotations
 
 import re
 
-from adamkit.execution.cpp_source import definition, guarded_rewrite
+from adamkit.execution.cpp_source import broadcast_literal, definition, guarded_rewrite
 
 _AND = re.compile(r"^(\s*)auto ((?:s?tmp)\d+) = ((?:s?tmp)\d+) & ((?:s?tmp)\d+);$")
 _SHIFT = re.compile(r"^((?:s?tmp)\d+) >> ((?:s?tmp)\d+)$")
-_CLASSES = {"1": "at::vec::Vectorized<int32_t>", "2": "at::vec::VectorizedN<int32_t,2>"}
-_LITERAL = re.compile(r"^static_cast<int32_t>\((-?\d+)L?\)$")
 
 MACRO = "ADAMKIT_SRL"
 """``MACRO{n}(x, k)``: the int32 lanes of ``x`` shifted right by the literal ``k``, zeros
@@ -59,23 +57,10 @@ def _logical_shift(lines: list[str], k: int) -> str | None:
         shift = _SHIFT.match(definition(lines, shifted, k) or "")
         if shift is None:
             continue
-        count = _broadcast_literal(lines, shift.group(2), k)
-        bits = _broadcast_literal(lines, mask, k)
+        count = broadcast_literal(lines, shift.group(2), k)
+        bits = broadcast_literal(lines, mask, k)
         if count is None or bits is None or count[1] != bits[1]:
             continue
         if 0 < count[0] < 32 and bits[0] == (1 << (32 - count[0])) - 1:
             return f"{pad}auto {name} = {MACRO}{count[1]}({shift.group(1)}, {count[0]});"
-    return None
-
-
-def _broadcast_literal(lines: list[str], name: str, at: int) -> tuple[int, str] | None:
-    """(value, width) of an int32 vector broadcast from a literal (directly or by a name)."""
-    rhs = definition(lines, name, at) or ""
-    for width, cls in _CLASSES.items():
-        if rhs.startswith(f"{cls}(") and rhs.endswith(")"):
-            value = rhs[len(cls) + 1 : -1]
-            if re.fullmatch(r"s?tmp\d+", value):
-                value = definition(lines, value, at) or ""
-            literal = _LITERAL.match(value)
-            return (int(literal.group(1)), width) if literal else None
     return None
