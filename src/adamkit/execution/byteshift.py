@@ -20,11 +20,10 @@ from __future__ import annotations
 
 import re
 
-from adamkit.execution.cpp_source import definition, guarded_rewrite
+from adamkit.execution.cpp_source import broadcast_literal, guarded_rewrite
 
 _SHIFT = re.compile(r"^(\s*)auto ((?:s?tmp)\d+) = ((?:s?tmp)\d+) (<<|>>) ((?:s?tmp)\d+);$")
-_BROADCAST = re.compile(r"^at::vec::Vectorized<uint8_t>\((.+)\)$")
-_LITERAL = re.compile(r"^static_cast<uint8_t>\(([0-9]+)\)$")
+_BYTES = {"1": "at::vec::Vectorized<uint8_t>"}
 
 MACRO = "ADAMKIT_BYTE_SHIFT"
 """The macro a rewritten shift calls: ``(value, 16-bit shift intrinsic suffix, count, mask)``."""
@@ -62,14 +61,5 @@ def _shift(lines: list[str], k: int) -> str | None:
 
 def _count(lines: list[str], name: str, at: int) -> int | None:
     """The count ``k`` (0 < k < 8) when ``name`` is a uint8 vector broadcast of a literal."""
-    broadcast = _BROADCAST.match(definition(lines, name, at) or "")
-    if broadcast is None:
-        return None
-    value = broadcast.group(1)
-    if re.fullmatch(r"s?tmp\d+", value):
-        value = definition(lines, value, at) or ""
-    literal = _LITERAL.match(value)
-    if literal is None:
-        return None
-    bits = int(literal.group(1))
-    return bits if 0 < bits < 8 else None
+    found = broadcast_literal(lines, name, at, _BYTES)
+    return found[0] if found is not None and 0 < found[0] < 8 else None

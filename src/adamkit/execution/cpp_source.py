@@ -76,30 +76,35 @@ def definition(lines: list[str], name: str, at: int) -> str | None:
 
 INT32_VECTORS = {"1": "at::vec::Vectorized<int32_t>", "2": "at::vec::VectorizedN<int32_t,2>"}
 """The int32 vector classes of one and two registers, by width."""
-_INT32_LITERAL = re.compile(r"^static_cast<int32_t>\((-?\d+)L?\)$")
+_LITERAL = re.compile(r"^static_cast<\w+>\((-?\d+)L?\)$")
 _NAME = re.compile(r"^(?:s?tmp\d+|x\d+)$")
 
 
-def broadcast_of(lines: list[str], name: str, at: int) -> tuple[str, str] | None:
-    """(what is broadcast, width) where ``name`` is ``CLS(what)``, ``CLS`` an int32 vector
-    class of :data:`INT32_VECTORS`, in scope at line ``at``; else None."""
+def broadcast_of(
+    lines: list[str], name: str, at: int, classes: dict[str, str] = INT32_VECTORS
+) -> tuple[str, str] | None:
+    """(what is broadcast, width) where ``name`` is ``CLS(what)``, ``CLS`` a vector class of
+    ``classes`` (width -> class; default :data:`INT32_VECTORS`), in scope at line ``at``;
+    else None."""
     rhs = definition(lines, name, at) or ""
-    for width, cls in INT32_VECTORS.items():
+    for width, cls in classes.items():
         if rhs.startswith(f"{cls}(") and rhs.endswith(")"):
             return rhs[len(cls) + 1 : -1], width
     return None
 
 
-def broadcast_literal(lines: list[str], name: str, at: int) -> tuple[int, str] | None:
-    """(value, width) where ``name`` is an int32 vector broadcast from a literal, directly or
-    by a name defined as one; else None."""
-    found = broadcast_of(lines, name, at)
+def broadcast_literal(
+    lines: list[str], name: str, at: int, classes: dict[str, str] = INT32_VECTORS
+) -> tuple[int, str] | None:
+    """(value, width) where ``name`` is a vector of ``classes`` broadcast from an integer
+    literal (``static_cast<T>(n)``), directly or by a name defined as one; else None."""
+    found = broadcast_of(lines, name, at, classes)
     if found is None:
         return None
     inner, width = found
     if _NAME.match(inner):
         inner = definition(lines, inner, at) or ""
-    literal = _INT32_LITERAL.match(inner)
+    literal = _LITERAL.match(inner)
     return (int(literal.group(1)), width) if literal else None
 
 

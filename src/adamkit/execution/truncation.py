@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import re
 
-from adamkit.execution.cpp_source import definition, guarded_rewrite
+from adamkit.execution.cpp_source import broadcast_literal, definition, guarded_rewrite
 
 _CONVERT = re.compile(
     r"^(\s*)auto ((?:s?tmp)\d+) = at::vec::convert<at::BFloat16,1,float,2>\(((?:s?tmp)\d+)\);$"
@@ -34,8 +34,6 @@ _AS_FLOAT = re.compile(
     r"at::vec::cast<float>\(\1\[1\]\)\)$"
 )
 _AND = re.compile(r"^((?:s?tmp)\d+) & ((?:s?tmp)\d+)$")
-_BROADCAST = re.compile(r"^at::vec::VectorizedN<int32_t,2>\((.+)\)$")
-_LOW_HALF_CLEARED = "static_cast<int32_t>(-65536)"
 
 MACRO = "ADAMKIT_BF16_HIGH_HALVES"
 """The macro a rewritten conversion calls: the high halves of two fp32 vectors, packed."""
@@ -78,13 +76,4 @@ def _low_half_cleared(lines: list[str], operand: str, at: int) -> bool:
     masked = _AND.match(definition(lines, bits.group(1), at) or "")
     if masked is None:
         return False
-    for side in masked.groups():
-        broadcast = _BROADCAST.match(definition(lines, side, at) or "")
-        if broadcast is None:
-            continue
-        value = broadcast.group(1)
-        if value != _LOW_HALF_CLEARED:
-            value = definition(lines, value, at) if re.fullmatch(r"s?tmp\d+", value) else None
-        if value == _LOW_HALF_CLEARED:
-            return True
-    return False
+    return any(broadcast_literal(lines, side, at) == (-65536, "2") for side in masked.groups())
