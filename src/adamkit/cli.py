@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 COMMANDS = ("compare", "bench", "report")
@@ -26,14 +26,19 @@ def _names(value: str, known: Sequence[str], what: str) -> tuple[str, ...]:
     return names
 
 
-def _positive(value: str) -> int:
-    try:
-        n = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
-    return n
+def at_least(low: int) -> Callable[[str], int]:
+    """An argparse ``type``: an integer ``>= low``, else an error that names the value."""
+
+    def number(value: str) -> int:
+        try:
+            n = int(value)
+        except ValueError:
+            n = None
+        if n is None or n < low:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {value!r}")
+        return n
+
+    return number
 
 
 def _device(value: str) -> str:
@@ -82,12 +87,12 @@ def compare_parser(prog: str = "adamkit compare") -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--seeds",
-        type=_positive,
+        type=at_least(1),
         default=None,
         help="seeds per optimizer at the picked lr (default 3, 2 with --quick)",
     )
     p.add_argument(
-        "--steps", type=_positive, default=None, help="override every task's step budget"
+        "--steps", type=at_least(1), default=None, help="override every task's step budget"
     )
     p.add_argument("--device", type=_device, default="cpu", help="torch device (default cpu)")
     p.add_argument(

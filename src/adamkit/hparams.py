@@ -16,6 +16,14 @@ from torch import Tensor
 from adamkit.rule import WEIGHT_DECAY_SCALINGS
 
 
+def check_optimizer(optimizer: object) -> None:
+    """Refuse, with ``TypeError``, an argument that should be a ``torch.optim.Optimizer``."""
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(
+            f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}"
+        )
+
+
 def _as_float(name: str, value: Any) -> float:
     if isinstance(value, Tensor):
         if value.numel() != 1:

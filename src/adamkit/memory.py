@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from adamkit.hparams import check_optimizer
 from adamkit.storage.shards import local
 
 
@@ -80,19 +81,12 @@ def _nbytes(value: Any) -> int:
     return value.numel() * value.element_size() if isinstance(value, Tensor) else 0
 
 
-def _check_optimizer(optimizer: object) -> None:
-    if not isinstance(optimizer, torch.optim.Optimizer):
-        raise TypeError(
-            f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}"
-        )
-
-
 def memory_report(optimizer: torch.optim.Optimizer) -> MemoryReport:
     """Report the state memory of an adamkit (or any torch) optimizer, per tensor and format.
 
     Under FSDP2 (DTensor params) the report is this rank's: local shards and their state.
     """
-    _check_optimizer(optimizer)
+    check_optimizer(optimizer)
     rows = []
     for gi, group in enumerate(optimizer.param_groups):
         names = group.get("param_names")
@@ -127,7 +121,7 @@ def export_state_dict(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     are dropped so that the result is what torch itself would save. An optimizer that is not
     adamkit's (``torch.optim.AdamW`` itself) gives its own state, copied.
     """
-    _check_optimizer(optimizer)
+    check_optimizer(optimizer)
     sd = optimizer.state_dict()
     params = [p for g in optimizer.param_groups for p in g["params"]]
     decoded_state = getattr(optimizer, "decoded_state", None)

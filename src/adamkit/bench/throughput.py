@@ -63,6 +63,7 @@ from adamkit.bench.throughput_results import (
     skip_notes,
     table_rows,
 )
+from adamkit.cli import at_least
 from adamkit.execution.compiled import compile_stats, reset_kernels
 from adamkit.storage.select import STATE_DTYPES as _ALL_STATE_DTYPES
 
@@ -311,16 +312,14 @@ def parser() -> argparse.ArgumentParser:
         prog="adamkit bench", description="optimizer-step throughput, adamkit vs torch AdamW"
     )
     ap.add_argument("--layouts", default="big,many", help="comma list of big, many, custom")
-    ap.add_argument("--params", type=_at_least(1), help="params of the custom layout")
-    ap.add_argument("--tensors", type=_at_least(1), help="tensors of the custom layout")
+    ap.add_argument("--params", type=at_least(1), help="params of the custom layout")
+    ap.add_argument("--tensors", type=at_least(1), help="tensors of the custom layout")
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
-    ap.add_argument(
-        "--repeats", type=_at_least(1), default=7, help="timed rounds (median reported)"
-    )
-    ap.add_argument("--warmup", type=_at_least(0), default=3, help="untimed steps after the first")
+    ap.add_argument("--repeats", type=at_least(1), default=7, help="timed rounds (median reported)")
+    ap.add_argument("--warmup", type=at_least(0), default=3, help="untimed steps after the first")
     ap.add_argument(
         "--auto-steps",
-        type=_at_least(0),
+        type=at_least(0),
         default=200,
         help="most steps to wait for auto to compile",
     )
@@ -414,19 +413,6 @@ def _comma_list(value: str, known: Sequence[str], what: str) -> tuple[str, ...]:
             f"unknown {what} {', '.join(map(repr, unknown))}; choose from {', '.join(known)}"
         )
     return names
-
-
-def _at_least(low: int) -> Callable[[str], int]:
-    def number(value: str) -> int:
-        try:
-            n = int(value)
-        except ValueError:
-            n = None
-        if n is None or n < low:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {value!r}")
-        return n
-
-    return number
 
 
 def _state_dtypes(value: str) -> tuple[str, ...]:

@@ -22,6 +22,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from adamkit.diagnostics.signals import RollingStats, loss_value
+from adamkit.hparams import check_optimizer
 
 logger = logging.getLogger("adamkit")
 
@@ -67,8 +68,7 @@ class SpikeGuard:
         warmup: int = 64,
         watch: tuple[str, ...] = ("grad_norm", "loss"),
     ) -> None:
-        if not isinstance(optimizer, Optimizer):
-            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer)}")
+        check_optimizer(optimizer)
         unknown = set(watch) - {"grad_norm", "loss"}
         if unknown:
             raise ValueError(f"Invalid watch={watch!r}: expected 'grad_norm' and/or 'loss'")

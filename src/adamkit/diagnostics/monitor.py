@@ -74,6 +74,7 @@ from adamkit.diagnostics.sharded import Sampler, all_reduce_counts_, gather_samp
 from adamkit.diagnostics.sharded import _real as _local_real
 from adamkit.diagnostics.steady import SteadyReads
 from adamkit.execution.eager import compute_dtype
+from adamkit.hparams import check_optimizer
 from adamkit.storage.select import MOMENT_KEYS
 
 
@@ -276,8 +277,7 @@ class Monitor:
         keep: int | None = None,
         exact: str = "all",
     ) -> None:
-        if not isinstance(optimizer, Optimizer):
-            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer)}")
+        check_optimizer(optimizer)
         if not isinstance(every, int) or every < 1:
             raise ValueError(f"Invalid every={every!r}: must be an int >= 1")
         if exact not in EXACT_MODES:
